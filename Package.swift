@@ -1,0 +1,117 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// One module per concern; dependencies point one way:
+// Core ← Ledger ← Consensus/Store ← Network ← Compute/Router ← Node ← emc
+let package = Package(
+    name: "EdgeMatrix",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "emc", targets: ["emc"]),
+        .library(name: "EdgeMatrixClient", targets: ["EdgeMatrixClient"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-certificates.git", from: "1.21.1"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
+        .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+    ],
+    targets: [
+        .target(
+            name: "EdgeMatrixCore",
+            dependencies: [.product(name: "Crypto", package: "swift-crypto")]
+        ),
+        .target(name: "EdgeMatrixLedger", dependencies: ["EdgeMatrixCore"]),
+        .target(name: "EdgeMatrixConsensus", dependencies: ["EdgeMatrixCore"]),
+        .target(
+            name: "EdgeMatrixStore",
+            dependencies: ["EdgeMatrixCore", .product(name: "GRDB", package: "GRDB.swift")]
+        ),
+        .target(
+            name: "EdgeMatrixNetwork",
+            dependencies: [
+                "EdgeMatrixCore",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "EdgeMatrixCompute",
+            dependencies: [
+                "EdgeMatrixCore", "EdgeMatrixNetwork",
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
+            name: "EdgeMatrixRouter",
+            dependencies: [
+                "EdgeMatrixCore", "EdgeMatrixNetwork", "EdgeMatrixStore",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
+            name: "EdgeMatrixNode",
+            dependencies: [
+                "EdgeMatrixCore", "EdgeMatrixNetwork", "EdgeMatrixCompute", "EdgeMatrixRouter", "EdgeMatrixStore",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            resources: [.copy("Resources")]
+        ),
+        .target(
+            name: "EdgeMatrixClient",
+            dependencies: [
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOFoundationCompat", package: "swift-nio"),
+            ]
+        ),
+        .executableTarget(
+            name: "emc",
+            dependencies: [
+                "EdgeMatrixCore", "EdgeMatrixNode", "EdgeMatrixClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "EdgeMatrixCoreTests", dependencies: ["EdgeMatrixCore"]),
+        .testTarget(name: "EdgeMatrixLedgerTests", dependencies: ["EdgeMatrixLedger", "EdgeMatrixCore"]),
+        .testTarget(name: "EdgeMatrixConsensusTests", dependencies: ["EdgeMatrixConsensus", "EdgeMatrixCore"]),
+        .testTarget(
+            name: "EdgeMatrixRouterTests",
+            dependencies: ["EdgeMatrixRouter", "EdgeMatrixNetwork", "EdgeMatrixStore", "EdgeMatrixCore"]
+        ),
+        .testTarget(
+            name: "EdgeMatrixIntegrationTests",
+            dependencies: [
+                "EdgeMatrixNode", "EdgeMatrixRouter", "EdgeMatrixCompute", "EdgeMatrixNetwork",
+                "EdgeMatrixStore", "EdgeMatrixCore", "EdgeMatrixClient",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)
