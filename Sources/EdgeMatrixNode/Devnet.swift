@@ -1,0 +1,172 @@
+import AsyncHTTPClient
+import EdgeMatrixCompute
+import EdgeMatrixCore
+import EdgeMatrixRouter
+import EdgeMatrixStore
+import Foundation
+import Logging
+import ServiceLifecycle
+
+/// A whole local network on one machine with embedded defaults: one router, two compute nodes, and the real
+/// local models they front (on a small machine both nodes front the same model servers).
+/// Everything lives under one data dir, so a second run reuses keys, API key, models and receipts.
+public struct Devnet: Sendable {
+    public struct Layout: Sendable {
+        public var dataDirectory: String
+        public var httpPort: Int
+        public var tunnelPort: Int { httpPort + 1 }
+        public var chatPort: Int { httpPort + 10 }
+        public var embeddingsPort: Int { httpPort + 11 }
+        public var routerDirectory: String { dataDirectory + "/router" }
+        public func computeDirectory(_ index: Int) -> String { dataDirectory + "/compute-\(index)" }
+        public var modelsDirectory: String { dataDirectory + "/models" }
+        public var logsDirectory: String { dataDirectory + "/logs" }
+        public var apiKeyPath: String { dataDirectory + "/api-key.txt" }
+        public var baseURL: String { "http://127.0.0.1:\(httpPort)/v1" }
+    }
+
+    public let layout: Layout
+    public let computeNodeCount = 2
+    let logger: Logger
+
+    public init(dataDirectory: String, httpPort: Int, logger: Logger) {
+        layout = Layout(dataDirectory: dataDirectory, httpPort: httpPort)
+        self.logger = logger
+    }
+
+    /// Runs until SIGINT/SIGTERM. `say` prints progress and the banner for the person at the terminal.
+    public func run(venv: String? = nil, say: @escaping @Sendable (String) -> Void) async throws {
+        let fm = FileManager.default
+        for dir in [layout.routerDirectory, layout.logsDirectory, layout.modelsDirectory] + (1...computeNodeCount).map(layout.computeDirectory) {
+            try fm.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        }
+        let models = LocalModels(venv: venv ?? layout.modelsDirectory + "/venv")
+        try models.setUp(progress: say)
+
+        let routerKey = try KeyFile.loadOrCreate(at: layout.routerDirectory + "/node.key")
+        let routerConfig = RouterConfiguration(httpHost: "127.0.0.1", httpPort: layout.httpPort, tunnelHost: "127.0.0.1",
+                                               tunnelPort: layout.tunnelPort, dataDirectory: layout.routerDirectory)
+        let (ready, readySink) = AsyncStream<RouterEndpoints>.makeStream()
+        let router = try RouterService(configuration: routerConfig, key: routerKey, metricsText: NodeMetrics.text,
+                                       logger: logger) { endpoints in readySink.yield(endpoints) }
+        let apiKey = try devnetAPIKey(database: routerConfig.databasePath)
+
+        let httpClient = HTTPClient(eventLoopGroupProvider: .singleton)
+        var services: [any Service] = [
+            try models.chatServer(port: layout.chatPort, logPath: layout.logsDirectory + "/chat-model.log", logger: logger),
+            try models.embeddingsServer(port: layout.embeddingsPort, logPath: layout.logsDirectory + "/embeddings.log", logger: logger),
+            router,
+        ]
+        for index in 1...computeNodeCount {
+            let key = try KeyFile.loadOrCreate(at: layout.computeDirectory(index) + "/node.key")
+            let config = ComputeConfiguration(
+                routers: [.init(address: "127.0.0.1:\(layout.tunnelPort)", key: routerKey.publicKey)],
+                maxConcurrent: 8,
+                apps: [
+                    .init(name: "llm", kind: .openai, baseURL: "http://127.0.0.1:\(layout.chatPort)", models: [LocalModels.chatModel]),
+                    .init(name: "embeddings", kind: .openai, baseURL: "http://127.0.0.1:\(layout.embeddingsPort)",
+                          models: [LocalModels.embeddingModel]),
+                ],
+                probeIntervalSeconds: 2)
+            try writeJSON(config, to: layout.computeDirectory(index) + "/config.json")
+            var nodeLogger = logger
+            nodeLogger[metadataKey: "node"] = "compute-\(index)"
+            services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, logger: nodeLogger))
+        }
+        let banner = DevnetBanner(layout: layout, apiKey: apiKey)
+        services.append(ReadinessReporter(ready: ready, baseURL: layout.baseURL, apiKey: apiKey, httpClient: httpClient,
+                                          expectedModels: [LocalModels.chatModel, LocalModels.embeddingModel],
+                                          say: say, banner: banner.text))
+        let group = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) },
+                                                      gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            try? await httpClient.shutdown()
+            throw error
+        }
+        try? await httpClient.shutdown()
+        say("devnet stopped; state kept in \(layout.dataDirectory)")
+    }
+
+    /// The devnet's API key: created once, stored beside the data so a second run prints the same key.
+    func devnetAPIKey(database: String) throws -> String {
+        if let existing = try? String(contentsOfFile: layout.apiKeyPath, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines), !existing.isEmpty {
+            return existing
+        }
+        let key = try APIKeyStore(database: RouterDatabase(path: database)).create(label: "devnet")
+        FileManager.default.createFile(atPath: layout.apiKeyPath, contents: Data((key + "\n").utf8),
+                                       attributes: [.posixPermissions: 0o600])
+        return key
+    }
+}
+
+func writeJSON<T: Encodable>(_ value: T, to path: String) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    try encoder.encode(value).write(to: URL(fileURLWithPath: path), options: .atomic)
+}
+
+public struct DevnetBanner: Sendable {
+    let layout: Devnet.Layout
+    let apiKey: String
+
+    public var text: String {
+        """
+
+        EdgeMatrix devnet is up: 1 router, 2 compute nodes, models \(LocalModels.chatModel) and \(LocalModels.embeddingModel)
+          router:    http://127.0.0.1:\(layout.httpPort)   (metrics at /metrics)
+          data dir:  \(layout.dataDirectory)
+
+        Export these to use the stock OpenAI SDK:
+        OPENAI_BASE_URL=\(layout.baseURL)
+        OPENAI_API_KEY=\(apiKey)
+
+        Try it:
+          curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' \\
+            -d '{"model":"\(LocalModels.chatModel)","messages":[{"role":"user","content":"Say hello"}],"max_tokens":32}'
+          python3 -c 'import openai; print(openai.OpenAI().chat.completions.create(model="\(LocalModels.chatModel)", messages=[{"role":"user","content":"Say hello"}]).choices[0].message.content)'
+          swift run emc chat "Say hello"
+
+        Ctrl-C stops the network.
+        """
+    }
+}
+
+/// Waits until the router lists every model, then prints the banner once.
+struct ReadinessReporter: Service {
+    let ready: AsyncStream<RouterEndpoints>
+    let baseURL: String
+    let apiKey: String
+    let httpClient: HTTPClient
+    let expectedModels: [String]
+    let say: @Sendable (String) -> Void
+    let banner: String
+
+    func run() async throws {
+        var iterator = ready.makeAsyncIterator()
+        guard await iterator.next() != nil else { return }
+        say("router listening; waiting for compute nodes and models to come up...")
+        var lastReport = ContinuousClock.now
+        while !Task.isCancelled {
+            var request = HTTPClientRequest(url: baseURL + "/models")
+            request.headers.add(name: "authorization", value: "Bearer \(apiKey)")
+            if let response = try? await httpClient.execute(request, timeout: .seconds(5)),
+               let body = try? await response.body.collect(upTo: 1 << 20) {
+                let text = String(buffer: body)
+                if expectedModels.allSatisfy({ text.contains("\"\($0)\"") }) {
+                    say(banner)
+                    break
+                }
+            }
+            if ContinuousClock.now - lastReport > .seconds(10) {
+                say("still waiting for models (loading takes a few seconds)...")
+                lastReport = .now
+            }
+            try? await Task.sleep(for: .milliseconds(300))
+        }
+        // Stay in the group until shutdown so that returning does not end the devnet.
+        try? await gracefulShutdown()
+    }
+}

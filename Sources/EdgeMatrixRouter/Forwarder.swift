@@ -1,0 +1,101 @@
+import EdgeMatrixCore
+import EdgeMatrixNetwork
+import Foundation
+import Logging
+import Metrics
+
+/// An answer that has started: the node's status line and the rest of its stream.
+public struct StartedAnswer: Sendable {
+    public var status: UInt16
+    public var contentType: String
+    public var job: WorkJob
+    public var attempts: Int
+}
+
+/// Sends a request to a compute node, retrying on another node when one fails before its first byte.
+public struct Forwarder: Sendable {
+    let pool: NodePool
+    let policy: FailoverPolicy
+    let logger: Logger
+
+    public init(pool: NodePool, policy: FailoverPolicy, logger: Logger) {
+        self.pool = pool
+        self.policy = policy
+        self.logger = logger
+    }
+
+    public func start(route: WorkRoute, makeRequest: @Sendable (_ appName: String) -> WorkRequest) async throws(OpenAIError) -> StartedAnswer {
+        let started = pool.nowMs()
+        var tried = Set<NodeID>()
+        var attempt = 0
+        var lastFailure = "no node tried"
+        while true {
+            let elapsed = pool.nowMs() - started
+            let assignment = await pool.assign(route: route, excluding: tried, makeRequest: makeRequest)
+            let job: WorkJob
+            switch assignment {
+            case .success(let assigned):
+                job = assigned
+            case .failure(.notServed) where tried.isEmpty:
+                switch route {
+                case .model(let model): throw .modelNotFound(model)
+                case .app(let app): throw .appNotFound(app)
+                }
+            case .failure(.notServed):
+                throw .upstreamFailed(lastFailure)
+            case .failure(.noCapacity):
+                // Capacity returns as soon as a node reopens a Work stream; wait briefly within the deadline.
+                guard elapsed < policy.deadlineMs else { throw .noCapacity() }
+                try? await Task.sleep(for: .milliseconds(2))
+                if Task.isCancelled { throw .upstreamFailed("request cancelled") }
+                continue
+            }
+            attempt += 1
+            tried.insert(job.nodeID)
+            let assignedAt = pool.nowMs()
+            let outcome = await firstMessage(of: job)
+            switch outcome {
+            case .success(.head(let status, let contentType)):
+                await pool.recordSuccess(nodeID: job.nodeID, latencyMs: Double(pool.nowMs() - assignedAt))
+                if attempt > 1 {
+                    logger.info("request failed over", metadata: ["request": "\(job.request.requestID)", "attempts": "\(attempt)"])
+                }
+                return StartedAnswer(status: status, contentType: contentType, job: job, attempts: attempt)
+            case .success(let other):
+                lastFailure = "node \(job.nodeID.short) answered out of order (\(other))"
+            case .failure(let failure):
+                lastFailure = "node \(job.nodeID.short): \(failure)"
+            }
+            job.cancel()
+            await pool.recordFailure(nodeID: job.nodeID)
+            Counter(label: "emc_router_failovers_total").increment()
+            logger.warning("compute node failed before answering", metadata: [
+                "request": "\(job.request.requestID)", "node": "\(job.nodeID.short)", "reason": "\(lastFailure)",
+            ])
+            guard policy.shouldRetry(after: .failedBeforeFirstByte, attempt: attempt, elapsedMs: pool.nowMs() - started) else {
+                throw .upstreamFailed(lastFailure)
+            }
+        }
+    }
+
+    /// Waits for the node's first message, up to the first-byte timeout.
+    private func firstMessage(of job: WorkJob) async -> Result<NodeWorkMessage, NodeFailure> {
+        let timeout = policy.firstByteTimeoutMs
+        return await withTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try? await Task.sleep(for: .milliseconds(timeout))
+                if !Task.isCancelled { job.fail(.firstByteTimeout) }
+            }
+            defer { group.cancelAll() }
+            do {
+                var iterator = job.responses.makeAsyncIterator()
+                if let first = try await iterator.next() { return .success(first) }
+                return .failure(.disconnected)
+            } catch let failure as NodeFailure {
+                return .failure(failure)
+            } catch {
+                return .failure(.disconnected)
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+import Foundation
+import Hummingbird
+
+/// An error in OpenAI's JSON shape, `{"error": {"message", "type", "param", "code"}}`, with a stable `code`.
+public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
+    public var status: HTTPResponse.Status
+    public var type: String
+    public var code: String
+    public var message: String
+    public var param: String?
+
+    public init(status: HTTPResponse.Status, type: String, code: String, message: String, param: String? = nil) {
+        self.status = status
+        self.type = type
+        self.code = code
+        self.message = message
+        self.param = param
+    }
+
+    public var headers: HTTPFields { [.contentType: "application/json"] }
+
+    public var jsonBytes: [UInt8] {
+        var error: [String: Any] = ["message": message, "type": type, "code": code, "param": param ?? NSNull()]
+        if param == nil { error["param"] = NSNull() }
+        let data = (try? JSONSerialization.data(withJSONObject: ["error": error], options: [.sortedKeys])) ?? Data()
+        return Array(data)
+    }
+
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        var buffer = ByteBuffer()
+        buffer.writeBytes(jsonBytes)
+        return Response(status: status, headers: headers, body: .init(byteBuffer: buffer))
+    }
+
+    // The stable codes clients can match on.
+    public static func invalidAPIKey() -> OpenAIError {
+        OpenAIError(status: .unauthorized, type: "invalid_request_error", code: "invalid_api_key",
+                    message: "Incorrect or missing API key. Send `Authorization: Bearer <key>` with a key made by `emc keys api`.")
+    }
+
+    public static func invalidJSON(_ detail: String) -> OpenAIError {
+        OpenAIError(status: .badRequest, type: "invalid_request_error", code: "invalid_json",
+                    message: "The request body is not valid JSON: \(detail)")
+    }
+
+    public static func missingParameter(_ name: String) -> OpenAIError {
+        OpenAIError(status: .badRequest, type: "invalid_request_error", code: "missing_parameter",
+                    message: "You must provide the '\(name)' parameter.", param: name)
+    }
+
+    public static func invalidParameter(_ name: String, _ why: String) -> OpenAIError {
+        OpenAIError(status: .badRequest, type: "invalid_request_error", code: "invalid_parameter", message: why, param: name)
+    }
+
+    public static func modelNotFound(_ model: String) -> OpenAIError {
+        OpenAIError(status: .notFound, type: "invalid_request_error", code: "model_not_found",
+                    message: "The model '\(model)' does not exist or no compute node serves it right now. See GET /v1/models.",
+                    param: "model")
+    }
+
+    public static func appNotFound(_ app: String) -> OpenAIError {
+        OpenAIError(status: .notFound, type: "invalid_request_error", code: "app_not_found",
+                    message: "No compute node serves the app '\(app)' right now.")
+    }
+
+    public static func noCapacity() -> OpenAIError {
+        OpenAIError(status: .serviceUnavailable, type: "server_error", code: "no_capacity",
+                    message: "Every compute node serving this model is busy; retry shortly.")
+    }
+
+    public static func upstreamFailed(_ why: String) -> OpenAIError {
+        OpenAIError(status: .badGateway, type: "server_error", code: "upstream_failed",
+                    message: "No compute node could serve the request: \(why)")
+    }
+
+    public static func requestTooLarge(limit: Int) -> OpenAIError {
+        OpenAIError(status: .contentTooLarge, type: "invalid_request_error", code: "request_too_large",
+                    message: "The request body exceeds \(limit) bytes.")
+    }
+
+    public static func notFound(_ path: String) -> OpenAIError {
+        OpenAIError(status: .notFound, type: "invalid_request_error", code: "not_found", message: "Unknown path \(path).")
+    }
+}

@@ -1,0 +1,101 @@
+import EdgeMatrixCore
+import EdgeMatrixNetwork
+import EdgeMatrixStore
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Hummingbird
+import Logging
+import ServiceLifecycle
+
+public struct RouterConfiguration: Sendable {
+    public var httpHost: String
+    /// 0 picks a free port; `onReady` reports the bound one.
+    public var httpPort: Int
+    public var tunnelHost: String
+    public var tunnelPort: Int
+    public var dataDirectory: String
+    public var selectionSeed: UInt64
+    public var failover: FailoverPolicy
+
+    public init(httpHost: String = "127.0.0.1", httpPort: Int = 8080, tunnelHost: String = "127.0.0.1", tunnelPort: Int = 7070,
+                dataDirectory: String, selectionSeed: UInt64 = UInt64.random(in: .min ... .max),
+                failover: FailoverPolicy = FailoverPolicy()) {
+        self.httpHost = httpHost
+        self.httpPort = httpPort
+        self.tunnelHost = tunnelHost
+        self.tunnelPort = tunnelPort
+        self.dataDirectory = dataDirectory
+        self.selectionSeed = selectionSeed
+        self.failover = failover
+    }
+
+    public var databasePath: String { dataDirectory + "/router.sqlite" }
+}
+
+/// Where a running router listens.
+public struct RouterEndpoints: Sendable, Equatable {
+    public var httpPort: Int
+    public var tunnelPort: Int
+}
+
+/// A routing node: the tunnel endpoint compute nodes dial into, and the OpenAI-compatible gateway.
+public struct RouterService: Service {
+    public let configuration: RouterConfiguration
+    public let key: SigningKey
+    public let pool: NodePool
+    public let receipts: ReceiptStore
+    let database: RouterDatabase
+    let metricsText: @Sendable () -> [UInt8]
+    let onReady: @Sendable (RouterEndpoints) async -> Void
+    let logger: Logger
+
+    public init(configuration: RouterConfiguration, key: SigningKey, metricsText: @escaping @Sendable () -> [UInt8],
+                logger: Logger = Logger(label: "emc.router"), onReady: @escaping @Sendable (RouterEndpoints) async -> Void = { _ in }) throws {
+        self.configuration = configuration
+        self.key = key
+        self.metricsText = metricsText
+        self.logger = logger
+        self.onReady = onReady
+        database = try RouterDatabase(path: configuration.databasePath)
+        receipts = ReceiptStore(database: database)
+        pool = NodePool(seed: configuration.selectionSeed, logger: logger)
+    }
+
+    public func run() async throws {
+        let endpoint = TunnelEndpoint(routerKey: key, pool: pool, receipts: ReceiptCollector(routerKey: key, store: receipts),
+                                      logger: logger)
+        let security: HTTP2ServerTransport.Posix.TransportSecurity = .plaintext
+        let transport = HTTP2ServerTransport.Posix(
+            address: .ipv4(host: configuration.tunnelHost, port: configuration.tunnelPort),
+            transportSecurity: security,
+            config: .defaults { $0.rpc.maxRequestPayloadSize = 32 << 20 }
+        )
+        let grpcServer = GRPCServer(transport: transport, services: [endpoint])
+        let gateway = Gateway(pool: pool, forwarder: Forwarder(pool: pool, policy: configuration.failover, logger: logger),
+                              keys: APIKeyCache(store: APIKeyStore(database: database)), metricsText: metricsText, logger: logger)
+        let onReady = onReady
+        let logger = logger
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await grpcServer.serve() }
+            let tunnelPort = try await transport.listeningAddress.ipv4?.port ?? configuration.tunnelPort
+            let app = Application(
+                router: gateway.makeRouter(),
+                configuration: .init(address: .hostname(configuration.httpHost, port: configuration.httpPort),
+                                     serverName: "edgematrix-router"),
+                onServerRunning: { channel in
+                    let httpPort = channel.localAddress?.port ?? 0
+                    logger.info("router ready", metadata: ["http": "\(httpPort)", "tunnel": "\(tunnelPort)"])
+                    await onReady(RouterEndpoints(httpPort: httpPort, tunnelPort: tunnelPort))
+                },
+                logger: logger
+            )
+            group.addTask {
+                try await withGracefulShutdownHandler {
+                    try await app.run()
+                } onGracefulShutdown: {
+                    grpcServer.beginGracefulShutdown()
+                }
+            }
+        }
+    }
+}

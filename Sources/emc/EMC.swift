@@ -1,0 +1,185 @@
+import ArgumentParser
+import EdgeMatrixClient
+import EdgeMatrixCompute
+import EdgeMatrixCore
+import EdgeMatrixNode
+import EdgeMatrixRouter
+import EdgeMatrixStore
+import Foundation
+import Logging
+
+@main
+struct EMC: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "emc",
+        abstract: "EdgeMatrix: an open, decentralized computing network for AI.",
+        discussion: "Start with `emc devnet`, which runs a whole local network and prints how to call it.",
+        version: ComputeNode.version,
+        subcommands: [Devnet.self, Node.self, Keys.self, Chat.self]
+    )
+}
+
+/// Logging to stderr at the level in LOG_LEVEL (default info).
+func bootstrapLogging() -> Logger {
+    LoggingSystem.bootstrap { label in
+        var handler = StreamLogHandler.standardError(label: label)
+        handler.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
+        return handler
+    }
+    return Logger(label: "emc")
+}
+
+func defaultDataDirectory() -> String {
+    ProcessInfo.processInfo.environment["EMC_DATA_DIR"] ?? FileManager.default.currentDirectoryPath + "/devnet-data"
+}
+
+func absolute(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+}
+
+/// Prints a line to stdout at once (progress must show while long steps run).
+@Sendable func say(_ line: String) {
+    FileHandle.standardOutput.write(Data((line + "\n").utf8))
+}
+
+struct Devnet: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a local network: a router, two compute nodes and real local AI models.",
+        discussion: """
+        The first run installs the models into DATA_DIR/models (minutes; progress is shown). Later runs reuse keys, \
+        models, the API key and stored receipts. Prints OPENAI_BASE_URL and OPENAI_API_KEY for the stock OpenAI SDK. \
+        Ctrl-C stops everything cleanly.
+        """
+    )
+
+    @Option(name: .long, help: "Where the network keeps its state.") var dataDir: String = defaultDataDirectory()
+    @Option(name: .long, help: "Router HTTP port (the tunnel uses PORT+1, the model servers PORT+10 and PORT+11).")
+    var port: Int = 8080
+    @Option(name: .long, help: "Use an existing model venv instead of DATA_DIR/models/venv.") var venv: String?
+
+    func validate() throws {
+        guard (1...65000).contains(port) else { throw ValidationError("--port must be between 1 and 65000") }
+    }
+
+    func run() async throws {
+        let logger = bootstrapLogging()
+        try await EdgeMatrixNode.Devnet(dataDirectory: absolute(dataDir), httpPort: port, logger: logger)
+            .run(venv: venv.map(absolute), say: say)
+    }
+}
+
+struct Node: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run one node: a compute node beside your AI app, or a router.",
+        discussion: """
+        compute: --config FILE lists the routers to dial (address and pinned key) and the local apps (name, kind \
+        openai|rest, base_url, models). The node key is DATA_DIR/node.key (created if missing).
+        router:  serves the OpenAI-compatible API on --http-port and the compute-node tunnel on --tunnel-port.
+        """
+    )
+
+    enum Role: String, ExpressibleByArgument, CaseIterable { case compute, router }
+
+    @Option(help: "compute or router.") var role: Role
+    @Option(help: "Config file (required for compute nodes).") var config: String?
+    @Option(name: .long, help: "Where the node keeps its key and state.") var dataDir: String = defaultDataDirectory()
+    @Option(help: "Address to listen on (router).") var host: String = "127.0.0.1"
+    @Option(help: "OpenAI-compatible API port (router).") var httpPort: Int = 8080
+    @Option(help: "Port compute nodes dial (router).") var tunnelPort: Int = 7070
+    @Option(help: "Seed for node selection (router; reproducible runs).") var seed: UInt64?
+
+    func validate() throws {
+        if role == .compute, config == nil { throw ValidationError("a compute node needs --config FILE") }
+    }
+
+    func run() async throws {
+        let logger = bootstrapLogging()
+        let dataDir = absolute(dataDir)
+        let key = try KeyFile.loadOrCreate(at: dataDir + "/node.key")
+        switch role {
+        case .compute:
+            try await NodeRunner.runCompute(configPath: absolute(config!), key: key, logger: logger)
+        case .router:
+            let configuration = RouterConfiguration(httpHost: host, httpPort: httpPort, tunnelHost: host, tunnelPort: tunnelPort,
+                                                    dataDirectory: dataDir, selectionSeed: seed ?? UInt64.random(in: .min ... .max))
+            try await NodeRunner.runRouter(configuration: configuration, key: key, logger: logger) { endpoints in
+                say("router \(key.nodeID) ready: http=\(endpoints.httpPort) tunnel=\(endpoints.tunnelPort) key=\(key.publicKey.hex)")
+            }
+        }
+    }
+}
+
+struct Keys: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Manage node keys and API keys.",
+        subcommands: [New.self, Show.self, API.self]
+    )
+
+    struct New: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create an Ed25519 node key (file mode 0600).")
+        @Option(name: .long, help: "Data dir; the key goes to DATA_DIR/node.key.") var dataDir: String = defaultDataDirectory()
+        @Option(help: "Key file path (overrides --data-dir).") var file: String?
+        @Flag(help: "Replace an existing key (its identity is lost).") var force = false
+
+        func run() throws {
+            let path = absolute(file ?? dataDir + "/node.key")
+            let key = SigningKey()
+            try KeyFile.write(key, to: path, overwrite: force)
+            say("node id:    \(key.nodeID)\npublic key: \(key.publicKey.hex)\nkey file:   \(path)")
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a node key's id and public key.")
+        @Option(name: .long, help: "Data dir holding node.key.") var dataDir: String = defaultDataDirectory()
+        @Option(help: "Key file path (overrides --data-dir).") var file: String?
+
+        func run() throws {
+            let path = absolute(file ?? dataDir + "/node.key")
+            let key = try KeyFile.read(from: path)
+            say("node id:    \(key.nodeID)\npublic key: \(key.publicKey.hex)\nkey file:   \(path)")
+        }
+    }
+
+    struct API: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "api",
+            abstract: "Create an API key for a router (printed once; only its hash is stored).")
+        @Option(name: .long, help: "The router's data dir.") var dataDir: String = defaultDataDirectory()
+        @Option(help: "A label to remember the key by.") var label: String = "default"
+
+        func run() throws {
+            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: absolute(dataDir)).databasePath)
+            say(try APIKeyStore(database: database).create(label: label))
+        }
+    }
+}
+
+struct Chat: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Ask a model through a router (uses OPENAI_BASE_URL and OPENAI_API_KEY).")
+
+    @Argument(help: "The prompt.") var prompt: String
+    @Option(help: "Model id.") var model: String = LocalModels.chatModel
+    @Option(help: "Router base URL ending in /v1 (default $OPENAI_BASE_URL).") var url: String?
+    @Option(help: "API key (default $OPENAI_API_KEY).") var key: String?
+    @Option(help: "Maximum tokens to generate.") var maxTokens: Int = 128
+    @Flag(help: "Print the whole answer at once instead of streaming it.") var noStream = false
+
+    func run() async throws {
+        let env = ProcessInfo.processInfo.environment
+        guard let url = url ?? env["OPENAI_BASE_URL"], let key = key ?? env["OPENAI_API_KEY"] else {
+            throw ValidationError("set OPENAI_BASE_URL and OPENAI_API_KEY (emc devnet prints them) or pass --url and --key")
+        }
+        let client = EdgeMatrixClient(baseURL: url, apiKey: key)
+        let messages = [ChatMessage(role: "user", content: prompt)]
+        if noStream {
+            say(try await client.chat(model: model, messages: messages, maxTokens: maxTokens).text)
+        } else {
+            for try await delta in client.streamChat(model: model, messages: messages, maxTokens: maxTokens) {
+                FileHandle.standardOutput.write(Data(delta.utf8))
+            }
+            say("")
+        }
+    }
+}

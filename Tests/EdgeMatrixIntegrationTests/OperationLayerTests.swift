@@ -1,0 +1,239 @@
+import AsyncHTTPClient
+import EdgeMatrixClient
+import EdgeMatrixCore
+import Foundation
+import GRDB
+import Testing
+
+/// The operation layer end to end: real `emc` router and compute-node processes in front of real local models.
+@Suite("Operation layer, end to end", .serialized)
+struct OperationLayerTests {
+    let chatModel = "smollm2-135m-instruct"
+    let embeddingModel = "all-minilm-l6-v2"
+
+    func chatBody(_ prompt: String, maxTokens: Int = 16, stream: Bool = false) -> [UInt8] {
+        Harness.json(["model": chatModel, "messages": [["role": "user", "content": prompt]], "max_tokens": maxTokens,
+                      "temperature": 0, "seed": 1, "stream": stream])
+    }
+
+    @Test("chat, streaming chat, completions, embeddings and models work through router and compute nodes")
+    func openAIRoutes() async throws {
+        let network = try await TestNetwork(name: "routes")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try network.startComputeNode()
+        try network.startComputeNode()
+        try await network.waitForNodes(2)
+        let client = EdgeMatrixClient(baseURL: network.baseURL, apiKey: network.apiKey, httpClient: Harness.http)
+
+        let models = try await client.models().map(\.id)
+        #expect(models == [embeddingModel, chatModel].sorted())
+
+        let messages = [ChatMessage(role: "user", content: "Name a colour.")]
+        let chat = try await client.chat(model: chatModel, messages: messages, maxTokens: 16, temperature: 0, seed: 1)
+        #expect(!chat.text.isEmpty)
+        #expect((chat.usage?.completionTokens ?? 0) > 0)
+
+        // Greedy decoding is deterministic: the streamed deltas add up to the same text.
+        var streamed = ""
+        var deltas = 0
+        for try await delta in client.streamChat(model: chatModel, messages: messages, maxTokens: 16, temperature: 0, seed: 1) {
+            streamed += delta
+            deltas += 1
+        }
+        #expect(deltas > 1)
+        #expect(streamed == chat.text)
+
+        let completion = try await client.completion(model: chatModel, prompt: "The capital of France is", maxTokens: 8, temperature: 0)
+        #expect(!(completion.choices.first?.text ?? "").isEmpty)
+
+        // Embeddings through the network are bit-identical to calling the embeddings server directly.
+        let body = Harness.json(["model": embeddingModel, "input": ["edge computing", "a decentralized network"]])
+        let routed = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey, body: body)
+        let direct = try await Harness.request(.POST, network.models.embeddingsURL + "/v1/embeddings", body: body)
+        #expect(routed.status == 200)
+        let routedData = try #require(routed.json?["data"] as? [[String: Any]])
+        let directData = try #require(direct.json?["data"] as? [[String: Any]])
+        #expect(routedData.count == 2)
+        let routedVectors = routedData.map { ($0["embedding"] as? [NSNumber])?.map(\.floatValue) ?? [] }
+        let directVectors = directData.map { ($0["embedding"] as? [NSNumber])?.map(\.floatValue) ?? [] }
+        #expect(routedVectors.first?.count == 384)
+        #expect(routedVectors.map { $0.map(\.bitPattern) } == directVectors.map { $0.map(\.bitPattern) })
+
+        // Every answered request left a signed, countersigned receipt at the router.
+        let requestID = try #require(routed.header("x-emc-request-id"))
+        try await Harness.eventually(timeout: .seconds(10), "receipt for \(requestID)") {
+            try ReceiptFile(path: network.routerDirectory + "/router.sqlite").requestIDs().contains(requestID)
+        }
+        let stored = try ReceiptFile(path: network.routerDirectory + "/router.sqlite").receipts()
+        let receipt = try #require(stored.first { $0.body.requestID == requestID })
+        #expect(receipt.body.app == "embeddings")
+        #expect(receipt.body.units.items == 2)
+        #expect(receipt.body.responseHash == Hash32.of(routed.body))
+        let nodeKey = try #require(network.nodeKeys().first { $0.nodeID == receipt.body.nodeID })
+        #expect(throws: Never.self) { try receipt.verify(nodeKey: nodeKey, routerKey: network.routerKey.publicKey) }
+    }
+
+    @Test("errors come back in OpenAI's shape with stable codes")
+    func errorShapes() async throws {
+        let network = try await TestNetwork(name: "errors")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try network.startComputeNode()
+        try await network.waitForNodes(1)
+
+        let unauthorized = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: "emc-sk-not-a-key",
+                                                     body: chatBody("hi"))
+        #expect(unauthorized.status == 401)
+        #expect((unauthorized.json?["error"] as? [String: Any])?["code"] as? String == "invalid_api_key")
+        let noKey = try await Harness.request(.GET, network.baseURL + "/models")
+        #expect(noKey.status == 401)
+
+        let malformed = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                                  body: Array("{\"model\": ".utf8))
+        #expect(malformed.status == 400)
+        let malformedError = try #require(malformed.json?["error"] as? [String: Any])
+        #expect(malformedError["code"] as? String == "invalid_json")
+        #expect(malformedError["type"] as? String == "invalid_request_error")
+        #expect(malformedError["message"] is String)
+
+        let unknownModel = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                                     body: Harness.json(["model": "gpt-17", "messages": [["role": "user", "content": "hi"]]]))
+        #expect(unknownModel.status == 404)
+        let unknownError = try #require(unknownModel.json?["error"] as? [String: Any])
+        #expect(unknownError["code"] as? String == "model_not_found")
+        #expect(unknownError["param"] as? String == "model")
+
+        let missingModel = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
+                                                     body: Harness.json(["input": "x"]))
+        #expect(missingModel.status == 400)
+        #expect((missingModel.json?["error"] as? [String: Any])?["code"] as? String == "missing_parameter")
+    }
+
+    @Test("killing a compute node mid-load: requests that had not started answering fail over; later requests succeed")
+    func failover() async throws {
+        let network = try await TestNetwork(name: "failover")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let first = try network.startComputeNode(maxConcurrent: 4)
+        try network.startComputeNode(maxConcurrent: 4)
+        try await network.waitForNodes(2)
+
+        // Non-streaming answers start only when generation is done, so every in-flight request on the killed
+        // node is one that had not started answering: each must be retried on the survivor and succeed.
+        let statuses = try await withThrowingTaskGroup(of: Int.self) { group in
+            for i in 0..<8 {
+                group.addTask {
+                    try await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                              body: chatBody("Count to \(i + 3).", maxTokens: 24)).status
+                }
+            }
+            try await Task.sleep(for: .milliseconds(600))
+            first.kill9()
+            var statuses = [Int]()
+            for try await status in group { statuses.append(status) }
+            return statuses
+        }
+        #expect(statuses == Array(repeating: 200, count: 8), "\(network.logs)")
+
+        try await Harness.eventually(timeout: .seconds(10), "router to drop the killed node") {
+            try await network.connectedNodes().count == 1
+        }
+        for i in 0..<4 {
+            let later = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                                  body: chatBody("Say \(i).", maxTokens: 4))
+            #expect(later.status == 200)
+        }
+        let metrics = try await Harness.request(.GET, "http://127.0.0.1:\(network.httpPort)/metrics")
+        #expect(metrics.text.contains("emc_router_requests_total"))
+        #expect(metrics.text.contains("emc_router_request_duration_seconds"))
+    }
+
+    @Test("router kill -9 and restart loses no acknowledged receipt, and unacknowledged ones are re-delivered")
+    func receiptsSurviveRouterCrash() async throws {
+        let network = try await TestNetwork(name: "crash")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try network.startComputeNode()
+        try await network.waitForNodes(1)
+
+        var requestIDs = [String]()
+        for i in 0..<5 {
+            let result = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
+                                                   body: Harness.json(["model": embeddingModel, "input": "sentence \(i)"]))
+            #expect(result.status == 200)
+            requestIDs.append(try #require(result.header("x-emc-request-id")))
+        }
+        let database = network.routerDirectory + "/router.sqlite"
+        try await Harness.eventually(timeout: .seconds(10), "all receipts stored") {
+            Set(try ReceiptFile(path: database).requestIDs()).isSuperset(of: requestIDs)
+        }
+        let acknowledged = try ReceiptFile(path: database).requestIDs()
+
+        network.router!.kill9()
+        #expect(Set(try ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
+        try await network.startRouter()
+        try await network.waitForNodes(1)
+        #expect(Set(try ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
+
+        let after = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
+                                              body: Harness.json(["model": embeddingModel, "input": "after the crash"]))
+        #expect(after.status == 200)
+        let afterID = try #require(after.header("x-emc-request-id"))
+        try await Harness.eventually(timeout: .seconds(10), "receipt after restart") {
+            try ReceiptFile(path: database).requestIDs().contains(afterID)
+        }
+    }
+
+    @Test("the official openai Python package works against the router, streaming and not")
+    func officialOpenAIClient() async throws {
+        let network = try await TestNetwork(name: "openai-py")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try network.startComputeNode()
+        try await network.waitForNodes(1)
+
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.python)
+        process.arguments = [Harness.packageRoot + "/Tests/python/openai_client_check.py"]
+        process.environment = ProcessInfo.processInfo.environment.merging(
+            ["OPENAI_BASE_URL": network.baseURL, "OPENAI_API_KEY": network.apiKey]) { $1 }
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0, "openai client check failed:\n\(output)\n\(network.logs)")
+    }
+}
+
+extension TestNetwork {
+    func nodeKeys() throws -> [PublicKey] {
+        try (1...computeNodes.count).map { try KeyFile.read(from: root + "/compute-\($0)/node.key").publicKey }
+    }
+}
+
+/// Reads the router's receipt table straight from its SQLite file, as another process would.
+struct ReceiptFile {
+    let queue: DatabaseQueue
+
+    init(path: String) throws {
+        var config = Configuration()
+        config.readonly = true
+        queue = try DatabaseQueue(path: path, configuration: config)
+    }
+
+    func requestIDs() throws -> [String] {
+        try queue.read { db in try String.fetchAll(db, sql: "SELECT request_id FROM receipt ORDER BY seq") }
+    }
+
+    func receipts() throws -> [Receipt] {
+        try queue.read { db in
+            try Row.fetchAll(db, sql: "SELECT body, node_signature, router_signature FROM receipt ORDER BY seq").map { row in
+                try Receipt(bodyBytes: Array(row["body"] as Data), nodeSignature: Array(row["node_signature"] as Data),
+                            routerSignature: Array(row["router_signature"] as Data))
+            }
+        }
+    }
+}

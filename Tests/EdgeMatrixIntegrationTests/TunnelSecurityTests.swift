@@ -1,0 +1,103 @@
+import EdgeMatrixCompute
+import EdgeMatrixCore
+import EdgeMatrixNetwork
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Testing
+
+/// Registration must prove possession of the node key, and a node only talks to the router key it pinned.
+@Suite("Tunnel security", .serialized)
+struct TunnelSecurityTests {
+    /// Opens a raw control stream to the router and plays the node's side of the handshake by hand.
+    func handshake(port: Int, play: @escaping @Sendable (_ challenge: RouterControlMessage, _ nodeNonce: [UInt8]) -> NodeControlMessage)
+        async throws -> RouterControlMessage? {
+        let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)
+        return try await withGRPCClient(transport: transport) { client in
+            let nodeNonce = TunnelHandshake.randomNonce()
+            let (outbound, sink) = AsyncStream<NodeControlMessage>.makeStream()
+            sink.yield(.hello(nodeNonce: nodeNonce))
+            let request = StreamingClientRequest<NodeControlMessage> { writer in
+                for await message in outbound { try await writer.write(message) }
+            }
+            return try await client.bidirectionalStreaming(
+                request: request, descriptor: TunnelService.control,
+                serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+                options: .defaults
+            ) { response in
+                var inbound = response.messages.makeAsyncIterator()
+                guard let challenge = try await inbound.next() else { return nil }
+                sink.yield(play(challenge, nodeNonce))
+                defer { sink.finish() }
+                do { return try await inbound.next() } catch { return nil }
+            }
+        }
+    }
+
+    func descriptorBytes() -> [UInt8] {
+        NodeDescriptor(apps: [AppDescriptor(name: "llm", kind: .openai, models: ["smollm2-135m-instruct"])], maxConcurrent: 2,
+                       hardware: HardwareProbe.probe(), version: "test").canonicalBytes
+    }
+
+    @Test("a registration signed by a key other than the registered node key is refused and registers nothing")
+    func wrongKeyRefused() async throws {
+        let network = try await TestNetwork(name: "wrong-key")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let victim = SigningKey()
+        let attacker = SigningKey()
+        let descriptor = descriptorBytes()
+        let routerID = network.routerKey.nodeID
+
+        let answer = try await handshake(port: network.tunnelPort) { challenge, nodeNonce in
+            guard case .challenge(_, let routerNonce, _) = challenge else { return .hello(nodeNonce: []) }
+            let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce, routerID: routerID,
+                                                              descriptorBytes: descriptor)
+            return .register(nodeKey: victim.publicKey, descriptorBytes: descriptor,
+                             signature: attacker.sign(payload, domain: .nodeRegistration))
+        }
+        guard case .rejected(let code, _)? = answer else {
+            Issue.record("expected a rejection, got \(String(describing: answer))")
+            return
+        }
+        #expect(code == "bad_signature")
+        #expect(try await network.connectedNodes().isEmpty)
+    }
+
+    @Test("a correctly signed registration is accepted, and the router proves the key the node pinned")
+    func rightKeyAccepted() async throws {
+        let network = try await TestNetwork(name: "right-key")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let node = SigningKey()
+        let descriptor = descriptorBytes()
+        let routerKey = network.routerKey.publicKey
+
+        let answer = try await handshake(port: network.tunnelPort) { challenge, nodeNonce in
+            guard case .challenge(let presented, let routerNonce, let signature) = challenge, presented == routerKey,
+                  presented.isValidSignature(signature, for: TunnelHandshake.challengePayload(nodeNonce: nodeNonce, routerNonce: routerNonce),
+                                             domain: .routerHandshake)
+            else { return .hello(nodeNonce: []) }
+            let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
+                                                              routerID: presented.nodeID, descriptorBytes: descriptor)
+            return .register(nodeKey: node.publicKey, descriptorBytes: descriptor, signature: node.sign(payload, domain: .nodeRegistration))
+        }
+        guard case .accepted(let token)? = answer else {
+            Issue.record("expected acceptance, got \(String(describing: answer))")
+            return
+        }
+        #expect(token.count == 32)
+    }
+
+    @Test("a compute node refuses a router that does not hold the pinned key")
+    func routerIdentityPinned() async throws {
+        let network = try await TestNetwork(name: "pinning")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let node = try network.startComputeNode(routerKey: SigningKey().publicKey)
+        try await Harness.eventually(timeout: .seconds(20), "the node to log the identity mismatch") {
+            node.log.contains("config pins")
+        }
+        #expect(try await network.connectedNodes().isEmpty)
+    }
+}
