@@ -1,0 +1,80 @@
+import EdgeMatrixCore
+
+/// The state root: a Merkle root (Core's `MerkleTree`) over one leaf per piece of state, in a canonical order —
+/// sections in tag order, entries sorted by key bytes — so it never depends on dictionary iteration order.
+/// Leaf = section tag ‖ key ‖ value in the canonical binary encoding.
+extension LedgerState {
+    enum Section: UInt8 {
+        case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6
+    }
+
+    public func stateRoot() -> Hash32 { MerkleTree.root(leaves: stateLeaves()) }
+
+    func stateLeaves() -> [[UInt8]] {
+        var leaves = [[UInt8]]()
+        leaves.reserveCapacity(1 + balances.count + stakes.count + nodes.count + activeValidators.count + dedup.count + usedEvidence.count)
+
+        var meta = ByteWriter()
+        meta.write(Section.meta.rawValue)
+        meta.write(chainID)
+        meta.write(height)
+        meta.write(lastBlockTimeMillis)
+        totalSupply.encode(to: &meta)
+        burned.encode(to: &meta)
+        meta.write(nextStakeID)
+        leaves.append(meta.bytes)
+
+        func keyed<K>(_ section: Section, _ items: [(K, [UInt8])], key: (K) -> [UInt8], value: (K) -> (inout ByteWriter) -> Void) {
+            var entries = items.map { (key: key($0.0), item: $0.0) }
+            entries.sort { $0.key.lexicographicallyPrecedes($1.key) }
+            for entry in entries {
+                var w = ByteWriter()
+                w.write(section.rawValue)
+                w.writeRaw(entry.key)
+                value(entry.item)(&w)
+                leaves.append(w.bytes)
+            }
+        }
+
+        keyed(.balance, balances.map { ($0.key, []) }, key: { $0.canonicalBytes }) { account in
+            { w in w.write(self.balances[account] ?? 0) }
+        }
+        keyed(.stake, stakes.map { ($0.key, []) }, key: { id in var w = ByteWriter(); w.write(id); return w.bytes }) { id in
+            { w in
+                let s = self.stakes[id]!
+                s.owner.encode(to: &w)
+                w.write(s.role.tag)
+                s.amount.encode(to: &w)
+                w.write(s.lockDays)
+                w.write(s.bondedAtMillis)
+                w.write(s.unlocksAtMillis)
+                w.write(s.status == .bonded)
+            }
+        }
+        keyed(.node, nodes.map { ($0.key, []) }, key: { $0.rawRepresentation }) { key in
+            { w in
+                let n = self.nodes[key]!
+                n.owner.encode(to: &w)
+                w.write(n.role.tag)
+                w.write(Endpoints.encode(n.endpoints))
+                w.write(n.stakeID)
+                w.write(n.registeredAt.height)
+                w.write(n.registeredAt.index)
+                w.write(n.status == .active)
+            }
+        }
+        keyed(.validator, activeValidators.map { ($0.key, []) }, key: { $0.rawRepresentation }) { key in
+            { w in w.write(self.activeValidators[key] ?? 0) }
+        }
+        keyed(.dedup, dedup.map { ($0.key, []) }, key: { $0.bytes }) { id in
+            { w in
+                let e = self.dedup[id]!
+                w.write(e.location.height)
+                w.write(e.location.index)
+                w.write(e.createdAtMillis)
+            }
+        }
+        keyed(.evidence, usedEvidence.map { ($0, []) }, key: { $0.bytes }) { _ in { _ in } }
+        return leaves
+    }
+}
