@@ -49,6 +49,19 @@ let package = Package(
             ]
         ),
         .target(
+            name: "EdgeMatrixChain",
+            dependencies: [
+                "EdgeMatrixCore", "EdgeMatrixLedger", "EdgeMatrixConsensus", "EdgeMatrixStore", "EdgeMatrixNetwork",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .target(
             name: "EdgeMatrixCompute",
             dependencies: [
                 "EdgeMatrixCore", "EdgeMatrixNetwork",
@@ -74,6 +87,7 @@ let package = Package(
             name: "EdgeMatrixNode",
             dependencies: [
                 "EdgeMatrixCore", "EdgeMatrixNetwork", "EdgeMatrixCompute", "EdgeMatrixRouter", "EdgeMatrixStore",
+                "EdgeMatrixChain", "EdgeMatrixLedger",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
@@ -93,7 +107,7 @@ let package = Package(
         .executableTarget(
             name: "emc",
             dependencies: [
-                "EdgeMatrixCore", "EdgeMatrixNode", "EdgeMatrixClient",
+                "EdgeMatrixCore", "EdgeMatrixNode", "EdgeMatrixClient", "EdgeMatrixChain", "EdgeMatrixLedger",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -109,10 +123,11 @@ let package = Package(
             name: "EdgeMatrixIntegrationTests",
             dependencies: [
                 "EdgeMatrixNode", "EdgeMatrixRouter", "EdgeMatrixCompute", "EdgeMatrixNetwork",
-                "EdgeMatrixStore", "EdgeMatrixCore", "EdgeMatrixClient",
+                "EdgeMatrixStore", "EdgeMatrixCore", "EdgeMatrixClient", "EdgeMatrixChain", "EdgeMatrixLedger",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),

@@ -1,0 +1,1 @@
+// The validator node: hosts consensus, the ledger, block storage, mempool, peers and the chain's HTTP API.
