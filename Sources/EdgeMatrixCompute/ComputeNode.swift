@@ -19,7 +19,15 @@ public final class ComputeNode: Service, WorkServer {
     let hardware: HardwareInfo
     let logger: Logger
     public let outbox = ReceiptOutbox()
-    private let probes = Mutex<[String: AppProbe]>([:])
+    /// A single-threaded model server busy generating can miss a probe, so an app is marked unhealthy only
+    /// after several misses in a row, and a request it answers resets the count.
+    struct AppHealth {
+        var probe: AppProbe?
+        var failedProbes = 0
+    }
+
+    private let health = Mutex<[String: AppHealth]>([:])
+    static let unhealthyAfterFailedProbes = 3
     private let inFlightCount = Atomic<UInt32>(0)
 
     public init(configuration: ComputeConfiguration, key: SigningKey, apps: [any LocalApp],
@@ -70,33 +78,39 @@ public final class ComputeNode: Service, WorkServer {
         for name in appOrder {
             let result = await apps[name]!.probe()
             if Task.isCancelled { return }
-            let previous = probes.withLock { probes in
-                defer { probes[name] = result }
-                return probes[name]
+            let (previous, current) = health.withLock { health -> (AppProbe?, AppProbe) in
+                var entry = health[name, default: AppHealth()]
+                let previous = entry.probe
+                entry.failedProbes = result.healthy ? 0 : entry.failedProbes + 1
+                if result.healthy || entry.failedProbes >= Self.unhealthyAfterFailedProbes || previous == nil {
+                    entry.probe = result
+                }
+                health[name] = entry
+                return (previous, entry.probe!)
             }
-            if previous?.healthy != result.healthy {
-                if result.healthy {
-                    logger.info("local app healthy", metadata: ["app": "\(name)", "models": "\(result.models)"])
+            if previous?.healthy != current.healthy {
+                if current.healthy {
+                    logger.info("local app healthy", metadata: ["app": "\(name)", "models": "\(current.models)"])
                 } else {
-                    logger.warning("local app unhealthy", metadata: ["app": "\(name)", "detail": "\(result.detail)"])
+                    logger.warning("local app unhealthy", metadata: ["app": "\(name)", "detail": "\(current.detail)"])
                 }
             }
         }
     }
 
     public func descriptor() async -> NodeDescriptor {
-        let current = probes.withLock { $0 }
+        let current = health.withLock { $0 }
         let descriptors = appOrder.map { name in
-            AppDescriptor(name: name, kind: apps[name]!.kind, models: current[name]?.models ?? [],
-                          healthy: current[name]?.healthy ?? false)
+            AppDescriptor(name: name, kind: apps[name]!.kind, models: current[name]?.probe?.models ?? [],
+                          healthy: current[name]?.probe?.healthy ?? false)
         }
         return NodeDescriptor(apps: descriptors, maxConcurrent: configuration.maxConcurrent, hardware: hardware,
                               version: Self.version)
     }
 
     public func healthyApps() async -> [String] {
-        let current = probes.withLock { $0 }
-        return appOrder.filter { current[$0]?.healthy == true }
+        let current = health.withLock { $0 }
+        return appOrder.filter { current[$0]?.probe?.healthy == true }
     }
 
     public func inFlight() -> UInt32 { inFlightCount.load(ordering: .relaxed) }
@@ -119,6 +133,7 @@ public final class ComputeNode: Service, WorkServer {
             await emit(.failed(code: "app_unreachable", message: "\(error)"))
             return
         }
+        health.withLock { $0[work.app]?.failedProbes = 0 }
         await emit(.head(status: answer.status, contentType: answer.contentType))
         var hasher = StreamingHasher()
         var collected = [UInt8]()

@@ -66,8 +66,10 @@ struct TunnelClient: Sendable {
     private func session() async throws {
         guard let (host, port) = router.hostAndPort else { throw TunnelError.protocolViolation("bad router address") }
         let transport = try HTTP2ClientTransport.Posix(
-            target: .dns(host: host, port: port),
-            transportSecurity: .plaintext,
+            // An IP literal must not go into TLS SNI, so it is dialled as an address, not a name.
+            target: host.split(separator: ".").count == 4 && host.allSatisfy({ $0.isNumber || $0 == "." })
+                ? .ipv4(address: host, port: port) : .dns(host: host, port: port),
+            transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: router.key),
             config: .defaults { $0.backoff = .init(initial: .milliseconds(200), max: .seconds(2), multiplier: 2, jitter: 0.2) }
         )
         let client = GRPCClient(transport: transport)

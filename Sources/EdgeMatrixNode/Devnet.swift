@@ -36,6 +36,7 @@ public struct Devnet: Sendable {
 
     /// Runs until SIGINT/SIGTERM. `say` prints progress and the banner for the person at the terminal.
     public func run(venv: String? = nil, say: @escaping @Sendable (String) -> Void) async throws {
+        NodeMetrics.bootstrap()
         let fm = FileManager.default
         for dir in [layout.routerDirectory, layout.logsDirectory, layout.modelsDirectory] + (1...computeNodeCount).map(layout.computeDirectory) {
             try fm.createDirectory(atPath: dir, withIntermediateDirectories: true)

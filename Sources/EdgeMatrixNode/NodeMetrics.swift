@@ -15,6 +15,9 @@ public enum NodeMetrics {
         return registry
     }()
 
+    /// Installs the registry as the process's metrics backend; call before anything records a metric.
+    public static func bootstrap() { _ = registry }
+
     /// Prometheus text exposition of everything recorded so far.
     @Sendable public static func text() -> [UInt8] { registry.emitToBuffer() }
 }

@@ -64,10 +64,10 @@ public struct RouterService: Service {
     public func run() async throws {
         let endpoint = TunnelEndpoint(routerKey: key, pool: pool, receipts: ReceiptCollector(routerKey: key, store: receipts),
                                       logger: logger)
-        let security: HTTP2ServerTransport.Posix.TransportSecurity = .plaintext
+        let tls = try TunnelTLS.loadOrCreate(in: configuration.dataDirectory, routerKey: key)
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.tunnelHost, port: configuration.tunnelPort),
-            transportSecurity: security,
+            transportSecurity: tls.serverSecurity(),
             config: .defaults { $0.rpc.maxRequestPayloadSize = 32 << 20 }
         )
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])

@@ -23,6 +23,13 @@ public struct NodeQuality: Sendable, Equatable {
     /// Monotonic milliseconds until which the node is backed off after failures.
     public var backoffUntil: UInt64
 
+    public init(latencyEWMAms: Double, successRate: Double, consecutiveFailures: Int, backoffUntil: UInt64) {
+        self.latencyEWMAms = latencyEWMAms
+        self.successRate = successRate
+        self.consecutiveFailures = consecutiveFailures
+        self.backoffUntil = backoffUntil
+    }
+
     public static let fresh = NodeQuality(latencyEWMAms: 50, successRate: 1, consecutiveFailures: 0, backoffUntil: 0)
     static let alpha = 0.2
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import EdgeMatrixChain
 import EdgeMatrixClient
 import EdgeMatrixCompute
 import EdgeMatrixCore
@@ -15,12 +16,16 @@ struct EMC: AsyncParsableCommand {
         abstract: "EdgeMatrix: an open, decentralized computing network for AI.",
         discussion: "Start with `emc devnet`, which runs a whole local network and prints how to call it.",
         version: ComputeNode.version,
-        subcommands: [Devnet.self, Node.self, Keys.self, Chat.self]
+        subcommands: [Devnet.self, Node.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self]
     )
 }
 
-/// Logging to stderr at the level in LOG_LEVEL (default info).
+/// Logging to stderr at the level in LOG_LEVEL (default info). Also clears the signal mask inherited from
+/// whoever spawned us (a parent's dispatch thread often blocks SIGTERM), so Ctrl-C and SIGTERM always stop us cleanly.
 func bootstrapLogging() -> Logger {
+    var none = sigset_t()
+    sigemptyset(&none)
+    pthread_sigmask(SIG_SETMASK, &none, nil)
     LoggingSystem.bootstrap { label in
         var handler = StreamLogHandler.standardError(label: label)
         handler.logLevel = ProcessInfo.processInfo.environment["LOG_LEVEL"].flatMap(Logger.Level.init(rawValue:)) ?? .info
@@ -75,21 +80,26 @@ struct Node: AsyncParsableCommand {
         compute: --config FILE lists the routers to dial (address and pinned key) and the local apps (name, kind \
         openai|rest, base_url, models). The node key is DATA_DIR/node.key (created if missing).
         router:  serves the OpenAI-compatible API on --http-port and the compute-node tunnel on --tunnel-port.
+        validator: runs consensus and the ledger for the chain in --genesis; the chain's HTTP JSON API is on \
+        --http-port, other validators dial --p2p-port. Blocks live in DATA_DIR/chain.sqlite.
         """
     )
 
-    enum Role: String, ExpressibleByArgument, CaseIterable { case compute, router }
+    enum Role: String, ExpressibleByArgument, CaseIterable { case compute, router, validator }
 
-    @Option(help: "compute or router.") var role: Role
+    @Option(help: "compute, router or validator.") var role: Role
     @Option(help: "Config file (required for compute nodes).") var config: String?
     @Option(name: .long, help: "Where the node keeps its key and state.") var dataDir: String = defaultDataDirectory()
     @Option(help: "Address to listen on (router).") var host: String = "127.0.0.1"
     @Option(help: "OpenAI-compatible API port (router).") var httpPort: Int = 8080
     @Option(help: "Port compute nodes dial (router).") var tunnelPort: Int = 7070
     @Option(help: "Seed for node selection (router; reproducible runs).") var seed: UInt64?
+    @Option(help: "Genesis file (validator).") var genesis: String?
+    @Option(help: "Port other validators dial (validator).") var p2pPort: Int = 26656
 
     func validate() throws {
         if role == .compute, config == nil { throw ValidationError("a compute node needs --config FILE") }
+        if role == .validator, genesis == nil { throw ValidationError("a validator needs --genesis FILE (emc genesis new writes one)") }
     }
 
     func run() async throws {
@@ -104,6 +114,14 @@ struct Node: AsyncParsableCommand {
                                                     dataDirectory: dataDir, selectionSeed: seed ?? UInt64.random(in: .min ... .max))
             try await NodeRunner.runRouter(configuration: configuration, key: key, logger: logger) { endpoints in
                 say("router \(key.nodeID) ready: http=\(endpoints.httpPort) tunnel=\(endpoints.tunnelPort) key=\(key.publicKey.hex)")
+            }
+        case .validator:
+            let configuration = ValidatorConfiguration(
+                genesis: try ValidatorConfiguration.loadGenesis(path: absolute(genesis!)), dataDirectory: dataDir,
+                httpHost: host, httpPort: httpPort, p2pHost: host, p2pPort: p2pPort)
+            try await NodeRunner.runValidator(configuration: configuration, key: key, logger: logger) { http, p2p in
+                say("validator \(key.nodeID) ready: http=\(http) p2p=\(p2p)")
+                say("EMC_NODE_URL=http://\(host):\(http)")
             }
         }
     }

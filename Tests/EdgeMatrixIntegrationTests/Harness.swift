@@ -4,6 +4,7 @@ import EdgeMatrixCore
 import EdgeMatrixNode
 import Foundation
 import NIOCore
+import NIOHTTP1
 import Testing
 
 /// Test harness: real `emc` processes, real model servers, real TCP on loopback, real SQLite files.
@@ -118,24 +119,42 @@ final class TestProcess: @unchecked Sendable {
         try process.run()
     }
 
-    var isRunning: Bool { process.isRunning }
     var pid: Int32 { process.processIdentifier }
+
+    /// Whether the program still runs, read from /proc (a zombie has exited). Foundation's own exit tracking
+    /// is not relied on: it can miss a child's exit when signals are masked.
+    var isRunning: Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return false }
+        let state = stat[stat.index(close, offsetBy: 2)]
+        return state != "Z" && state != "X"
+    }
+
+    private func waitForExit(seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while isRunning, Date() < deadline { usleep(20_000) }
+        return !isRunning
+    }
 
     /// SIGKILL: no chance to flush or say goodbye.
     func kill9() {
-        kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
+        kill(pid, SIGKILL)
+        _ = waitForExit(seconds: 10)
     }
 
+    /// SIGTERM, then up to 15 s for a graceful exit (a hang is a bug, recorded as such), then SIGKILL.
     func terminate() {
-        guard process.isRunning else { return }
-        process.terminate()
-        process.waitUntilExit()
+        guard isRunning else { return }
+        kill(pid, SIGTERM)
+        if !waitForExit(seconds: 15) {
+            Issue.record("\(name) did not stop within 15 s of SIGTERM")
+            kill9()
+        }
     }
 
     var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 
-    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+    deinit { if isRunning { kill(pid, SIGKILL) } }
 }
 
 /// The real local models, started once per test run and shared by every test.
@@ -147,11 +166,16 @@ actor ModelServers {
         var embeddingsURL: String
     }
 
-    private var started: Endpoints?
+    private var starting: Task<Endpoints, any Error>?
     private var processes: [TestProcess] = []
 
+    /// Starts the servers on first use; concurrent callers share the one start.
     func endpoints() async throws -> Endpoints {
-        if let started { return started }
+        if starting == nil { starting = Task { try await start() } }
+        return try await starting!.value
+    }
+
+    private func start() async throws -> Endpoints {
         guard FileManager.default.fileExists(atPath: Harness.python) else {
             Issue.record("model venv missing at \(Harness.venv): run scripts/test.sh (it installs the models)")
             throw HarnessError.processFailed("no venv")
@@ -175,7 +199,6 @@ actor ModelServers {
             let embeddings = try await Harness.request(.GET, endpoints.embeddingsURL + "/v1/models", timeout: .seconds(2))
             return chat.status == 200 && embeddings.status == 200
         }
-        started = endpoints
         return endpoints
     }
 

@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import NIOCore
 import EdgeMatrixClient
 import EdgeMatrixCore
 import Foundation
@@ -6,6 +7,11 @@ import GRDB
 import Testing
 
 /// The operation layer end to end: real `emc` router and compute-node processes in front of real local models.
+/// Every integration suite nests here, so that they run one at a time: they share the model servers and 2 cores.
+@Suite("Integration", .serialized)
+enum Integration {}
+
+extension Integration {
 @Suite("Operation layer, end to end", .serialized)
 struct OperationLayerTests {
     let chatModel = "smollm2-135m-instruct"
@@ -45,7 +51,8 @@ struct OperationLayerTests {
         #expect(streamed == chat.text)
 
         let completion = try await client.completion(model: chatModel, prompt: "The capital of France is", maxTokens: 8, temperature: 0)
-        #expect(!(completion.choices.first?.text ?? "").isEmpty)
+        let completionText = completion.choices.first?.text ?? ""
+        #expect(!completionText.isEmpty)
 
         // Embeddings through the network are bit-identical to calling the embeddings server directly.
         let body = Harness.json(["model": embeddingModel, "input": ["edge computing", "a decentralized network"]])
@@ -147,6 +154,51 @@ struct OperationLayerTests {
         let metrics = try await Harness.request(.GET, "http://127.0.0.1:\(network.httpPort)/metrics")
         #expect(metrics.text.contains("emc_router_requests_total"))
         #expect(metrics.text.contains("emc_router_request_duration_seconds"))
+        #expect(metrics.text.contains("emc_router_node_inflight"))
+        // The kill really did force failovers (at least one request was in flight on the killed node).
+        let failovers = metrics.text.split(separator: "\n").first { $0.hasPrefix("emc_router_failovers_total ") }
+            .flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
+        #expect(failovers >= 1, "\(metrics.text)")
+    }
+
+    @Test("a compute node dying mid-stream ends the SSE stream with a clear error event")
+    func midStreamDisconnect() async throws {
+        let network = try await TestNetwork(name: "midstream")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try network.startComputeNode()
+        try network.startComputeNode()
+        try await network.waitForNodes(2)
+        let keys = try network.nodeKeys()
+
+        var request = HTTPClientRequest(url: network.baseURL + "/completions")
+        request.method = .POST
+        request.headers.add(name: "authorization", value: "Bearer \(network.apiKey)")
+        request.headers.add(name: "content-type", value: "application/json")
+        request.body = .bytes(ByteBuffer(bytes: Harness.json([
+            "model": chatModel, "prompt": "Chapter one. The sea was", "max_tokens": 400, "temperature": 0, "stream": true,
+        ])))
+        let response = try await Harness.http.execute(request, timeout: .seconds(120))
+        #expect(response.status == .ok)
+        let serving = try #require(response.headers.first(name: "x-emc-node"))
+        let index = try #require(keys.firstIndex { $0.nodeID.description == serving })
+        var received = [UInt8]()
+        var killed = false
+        for try await chunk in response.body {
+            received += Array(buffer: chunk)
+            // Kill the serving node once the answer has visibly begun (a few events in).
+            if !killed, String(decoding: received, as: UTF8.self).components(separatedBy: "data: ").count > 4 {
+                network.computeNodes[index].kill9()
+                killed = true
+            }
+        }
+        let text = String(decoding: received, as: UTF8.self)
+        #expect(killed, "\(text)")
+        #expect(!text.contains("[DONE]"), "\(text)")
+        let lastEvent = try #require(text.components(separatedBy: "\n\n").last { $0.hasPrefix("data: ") })
+        let error = try #require((try JSONSerialization.jsonObject(with: Data(lastEvent.dropFirst(6).utf8)) as? [String: Any])?["error"] as? [String: Any])
+        #expect(error["code"] as? String == "node_disconnected")
+        #expect(error["type"] as? String == "server_error")
     }
 
     @Test("router kill -9 and restart loses no acknowledged receipt, and unacknowledged ones are re-delivered")
@@ -206,6 +258,8 @@ struct OperationLayerTests {
         process.waitUntilExit()
         #expect(process.terminationStatus == 0, "openai client check failed:\n\(output)\n\(network.logs)")
     }
+}
+
 }
 
 extension TestNetwork {

@@ -7,12 +7,14 @@ import GRPCNIOTransportHTTP2
 import Testing
 
 /// Registration must prove possession of the node key, and a node only talks to the router key it pinned.
+extension Integration {
 @Suite("Tunnel security", .serialized)
 struct TunnelSecurityTests {
     /// Opens a raw control stream to the router and plays the node's side of the handshake by hand.
-    func handshake(port: Int, play: @escaping @Sendable (_ challenge: RouterControlMessage, _ nodeNonce: [UInt8]) -> NodeControlMessage)
+    func handshake(port: Int, routerKey: PublicKey, play: @escaping @Sendable (_ challenge: RouterControlMessage, _ nodeNonce: [UInt8]) -> NodeControlMessage)
         async throws -> RouterControlMessage? {
-        let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)
+        let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: port),
+                                                       transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: routerKey))
         return try await withGRPCClient(transport: transport) { client in
             let nodeNonce = TunnelHandshake.randomNonce()
             let (outbound, sink) = AsyncStream<NodeControlMessage>.makeStream()
@@ -49,7 +51,7 @@ struct TunnelSecurityTests {
         let descriptor = descriptorBytes()
         let routerID = network.routerKey.nodeID
 
-        let answer = try await handshake(port: network.tunnelPort) { challenge, nodeNonce in
+        let answer = try await handshake(port: network.tunnelPort, routerKey: network.routerKey.publicKey) { challenge, nodeNonce in
             guard case .challenge(_, let routerNonce, _) = challenge else { return .hello(nodeNonce: []) }
             let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce, routerID: routerID,
                                                               descriptorBytes: descriptor)
@@ -73,7 +75,7 @@ struct TunnelSecurityTests {
         let descriptor = descriptorBytes()
         let routerKey = network.routerKey.publicKey
 
-        let answer = try await handshake(port: network.tunnelPort) { challenge, nodeNonce in
+        let answer = try await handshake(port: network.tunnelPort, routerKey: routerKey) { challenge, nodeNonce in
             guard case .challenge(let presented, let routerNonce, let signature) = challenge, presented == routerKey,
                   presented.isValidSignature(signature, for: TunnelHandshake.challengePayload(nodeNonce: nodeNonce, routerNonce: routerNonce),
                                              domain: .routerHandshake)
@@ -89,15 +91,51 @@ struct TunnelSecurityTests {
         #expect(token.count == 32)
     }
 
-    @Test("a compute node refuses a router that does not hold the pinned key")
+    @Test("a compute node refuses, at the TLS handshake, a router that does not hold the pinned key")
     func routerIdentityPinned() async throws {
         let network = try await TestNetwork(name: "pinning")
         defer { network.stopAll() }
         try await network.startRouter()
         let node = try network.startComputeNode(routerKey: SigningKey().publicKey)
-        try await Harness.eventually(timeout: .seconds(20), "the node to log the identity mismatch") {
-            node.log.contains("config pins")
+        try await Harness.eventually(timeout: .seconds(20), "the node to report the failed tunnel") {
+            node.log.contains("tunnel to router lost")
         }
         #expect(try await network.connectedNodes().isEmpty)
+        // The same check, in process: a certificate bound to the real router key verifies only under that key.
+        let tls = try TunnelTLS.make(routerKey: network.routerKey)
+        let der = try pemToDER(tls.certificatePEM)
+        try TunnelTLS.verifyBinding(certificateDER: der, routerKey: network.routerKey.publicKey)
+        #expect(throws: TunnelTLSError.self) { try TunnelTLS.verifyBinding(certificateDER: der, routerKey: SigningKey().publicKey) }
     }
+
+    @Test("the tunnel is encrypted: the router's tunnel port speaks TLS only, never plaintext gRPC")
+    func tunnelIsTLS() async throws {
+        let network = try await TestNetwork(name: "tls-only")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: network.tunnelPort),
+                                                       transportSecurity: .plaintext)
+        let answered = try await withGRPCClient(transport: transport) { client in
+            let request = StreamingClientRequest<NodeControlMessage> { writer in
+                try await writer.write(.hello(nodeNonce: TunnelHandshake.randomNonce()))
+            }
+            var options = CallOptions.defaults
+            options.timeout = .seconds(5)
+            return try? await client.bidirectionalStreaming(
+                request: request, descriptor: TunnelService.control,
+                serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+                options: options
+            ) { response in
+                var inbound = response.messages.makeAsyncIterator()
+                return try await inbound.next()
+            }
+        }
+        #expect(answered == nil)
+    }
+
+    func pemToDER(_ pem: String) throws -> [UInt8] {
+        let base64 = pem.split(separator: "\n").filter { !$0.hasPrefix("-----") }.joined()
+        return Array(try #require(Data(base64Encoded: base64)))
+    }
+}
 }

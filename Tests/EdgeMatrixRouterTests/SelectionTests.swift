@@ -38,30 +38,41 @@ struct SelectionTests {
     }
 
     @Test("equal nodes share load evenly; a slow or busy node gets less")
-    func loadSpreading() {
+    func loadSpreading() throws {
         var selector = NodeSelector(seed: 7)
         var counts = [NodeID: Int]()
         let equal = (1...4).map { candidate($0) }
-        for _ in 0..<4000 { counts[selector.choose(from: equal, nowMs: 0)!, default: 0] += 1 }
+        for _ in 0..<4000 {
+            let pick = selector.choose(from: equal, nowMs: 0)
+            let chosen = try #require(pick)
+            counts[chosen, default: 0] += 1
+        }
         for n in 1...4 { #expect((800...1200).contains(counts[node(UInt8(n))] ?? 0)) }
 
         counts = [:]
         let mixed = [candidate(1, latency: 400), candidate(2, latency: 40), candidate(3, latency: 40, inFlight: 7, idle: 1)]
-        for _ in 0..<3000 { counts[selector.choose(from: mixed, nowMs: 0)!, default: 0] += 1 }
-        #expect(counts[node(2)]! > counts[node(1)]!)
-        #expect(counts[node(2)]! > counts[node(3)]!)
-        // Power of two choices: the worst node is only chosen when it is drawn twice, which it never is (distinct draws).
-        #expect(counts[node(1)] == nil || counts[node(1)]! < 300)
+        for _ in 0..<3000 {
+            let pick = selector.choose(from: mixed, nowMs: 0)
+            let chosen = try #require(pick)
+            counts[chosen, default: 0] += 1
+        }
+        #expect(counts[node(2), default: 0] > counts[node(3), default: 0])
+        #expect(counts[node(3), default: 0] > 0)
+        // Power of two choices draws two distinct nodes, so the worst node never wins a draw.
+        #expect(counts[node(1), default: 0] == 0)
     }
 
     @Test("a node in failure backoff is skipped while others are free, and used when it is the only one")
-    func backoff() {
+    func backoff() throws {
         var selector = NodeSelector(seed: 3)
         let candidates = [candidate(1, backoffUntil: 1_000), candidate(2)]
         for _ in 0..<100 { #expect(selector.choose(from: candidates, nowMs: 500) == node(2)) }
         #expect(selector.choose(from: [candidate(1, backoffUntil: 1_000)], nowMs: 500) == node(1))
         var seen = Set<NodeID>()
-        for _ in 0..<100 { seen.insert(selector.choose(from: candidates, nowMs: 1_000)!) }
+        for _ in 0..<100 {
+            let pick = selector.choose(from: candidates, nowMs: 1_000)
+            seen.insert(try #require(pick))
+        }
         #expect(seen == [node(1), node(2)])
     }
 

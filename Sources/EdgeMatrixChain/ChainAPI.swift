@@ -1,0 +1,234 @@
+import EdgeMatrixConsensus
+import EdgeMatrixCore
+import EdgeMatrixLedger
+import EdgeMatrixStore
+import Foundation
+import HTTPTypes
+import Hummingbird
+import NIOCore
+
+/// An API error with a stable code: `{"error":{"code":"...","message":"..."}}`.
+public struct ChainAPIError: Error, HTTPResponseError, Sendable {
+    public var status: HTTPResponse.Status
+    public var code: String
+    public var message: String
+
+    public init(_ status: HTTPResponse.Status, _ code: String, _ message: String) {
+        self.status = status
+        self.code = code
+        self.message = message
+    }
+
+    public func response(from request: Request, context: some RequestContext) throws -> Response {
+        jsonResponse(["error": ["code": code, "message": message]], status: status)
+    }
+
+    static func notFound(_ what: String) -> ChainAPIError { ChainAPIError(.notFound, "not_found", what) }
+    static func badRequest(_ code: String, _ message: String) -> ChainAPIError { ChainAPIError(.badRequest, code, message) }
+}
+
+func jsonResponse(_ object: Any, status: HTTPResponse.Status = .ok) -> Response {
+    let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .withoutEscapingSlashes])) ?? Data("{}".utf8)
+    return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
+}
+
+/// Converts anything thrown below into the JSON error shape.
+struct ChainErrorMiddleware<Context: RequestContext>: RouterMiddleware {
+    func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
+        do {
+            return try await next(request, context)
+        } catch let error as ChainAPIError {
+            return try error.response(from: request, context: context)
+        } catch let error as HTTPError where error.status == .notFound {
+            return jsonResponse(["error": ["code": "not_found", "message": "no route \(request.method) \(request.uri.path)"]], status: .notFound)
+        } catch let error as HTTPError {
+            return jsonResponse(["error": ["code": "bad_request", "message": "\(error)"]], status: error.status)
+        } catch {
+            return jsonResponse(["error": ["code": "internal", "message": "\(error)"]], status: .internalServerError)
+        }
+    }
+}
+
+/// The chain's HTTP JSON API. Amounts are EMC strings with 8 decimals; hashes and keys are hex; accounts are ICRC-1 text.
+struct ChainAPI: Sendable {
+    let node: ValidatorNode
+
+    func makeRouter() -> Router<BasicRequestContext> {
+        let router = Router()
+        router.add(middleware: ChainErrorMiddleware())
+        let node = node
+        let view = node.view
+        let store = node.store
+        router.get("/health") { _, _ in jsonResponse(["status": "ok"]) }
+        router.get("/metrics") { _, _ in
+            Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
+                     body: .init(byteBuffer: ByteBuffer(bytes: node.metricsText())))
+        }
+        router.get("/status") { _, _ in
+            let s = view.current
+            return jsonResponse([
+                "chain_id": node.configuration.genesis.chainID,
+                "node_id": node.key.nodeID.description,
+                "node_key": node.key.publicKey.hex,
+                "height": s.height,
+                "latest_block_hash": s.blockHash.hex,
+                "latest_block_time_ms": s.timeMillis,
+                "state_root": s.stateRoot.hex,
+                "validators": s.validators.count,
+                "mempool_size": node.mempool.count,
+                "peers_connected": node.peers.connectedCount,
+                "total_supply": s.ledger.totalSupply.description,
+            ] as [String: Any])
+        }
+        router.get("/blocks") { request, _ in
+            let latest = view.current.height
+            let limit = min(max(request.uri.queryParameters.get("limit", as: Int.self) ?? 20, 1), 100)
+            let from = request.uri.queryParameters.get("from", as: UInt64.self)
+                ?? (latest >= UInt64(limit) ? latest - UInt64(limit) + 1 : 1)
+            let blocks = try store.blocks(from: max(from, 1), limit: limit)
+            return jsonResponse(["latest_height": latest, "blocks": try blocks.map { try blockJSON($0, full: false) }] as [String: Any])
+        }
+        router.get("/blocks/:height") { _, context in
+            guard let height = context.parameters.get("height", as: UInt64.self) else {
+                throw ChainAPIError.badRequest("invalid_height", "height must be a positive integer")
+            }
+            guard let block = try store.block(at: height) else {
+                throw ChainAPIError.notFound("no block at height \(height); the latest is \(view.current.height)")
+            }
+            return jsonResponse(try blockJSON(block, full: true))
+        }
+        router.get("/txs/:hash") { _, context in
+            let text = context.parameters.get("hash") ?? ""
+            guard let hash = Hash32(hex: text) else {
+                throw ChainAPIError.badRequest("invalid_hash", "transaction hash must be 64 hex digits")
+            }
+            if let stored = try store.tx(hash: hash) {
+                var object: [String: Any] = ["hash": hash.hex, "status": stored.ok ? "committed" : "failed", "height": stored.height,
+                                             "index": stored.index]
+                if let error = stored.error { object["error"] = ["code": stored.errorCode ?? "error", "message": error] }
+                if let block = try store.block(at: stored.height), let decoded = try? ChainBlock(canonicalBytes: block.value),
+                   Int(stored.index) < decoded.transactions.count, let tx = try? Transaction(decoding: decoded.transactions[Int(stored.index)]) {
+                    object["transaction"] = txJSON(tx)
+                    object["block_hash"] = block.hash.hex
+                }
+                return jsonResponse(object)
+            }
+            if node.mempool.contains(hash) { return jsonResponse(["hash": hash.hex, "status": "pending"]) }
+            throw ChainAPIError.notFound("transaction \(hash.hex) is neither committed nor pending")
+        }
+        router.post("/txs") { request, _ in
+            let body = Array(buffer: try await request.body.collect(upTo: Mempool.maxTransactionBytes * 2 + 1024))
+            let bytes = decodeTxBody(body)
+            do throws(MempoolRejection) {
+                let id = try node.submit(bytes)
+                return jsonResponse(["hash": id.hex, "status": "pending"], status: .accepted)
+            } catch {
+                throw ChainAPIError.badRequest(error.code, error.message)
+            }
+        }
+        router.get("/accounts/:account") { _, context in
+            let account = try parseAccount(context.parameters.get("account"))
+            let ledger = view.current.ledger
+            let balance = ledger.balance(of: account)
+            return jsonResponse(["account": account.description, "balance": balance.description, "balance_base_units": balance.baseUnits,
+                                 "height": ledger.height, "stakes": try encodable(ledger.stakes(ownedBy: account.owner))] as [String: Any])
+        }
+        router.get("/accounts/:account/balance") { _, context in
+            let account = try parseAccount(context.parameters.get("account"))
+            let s = view.current
+            let balance = s.ledger.balance(of: account)
+            return jsonResponse(["account": account.description, "balance": balance.description, "balance_base_units": balance.baseUnits,
+                                 "height": s.height] as [String: Any])
+        }
+        router.get("/validators") { _, _ in
+            let s = view.current
+            let validators = s.validators.validators.map { v -> [String: Any] in
+                var object: [String: Any] = ["node_id": v.id.description, "public_key": v.publicKey.hex, "voting_power": v.votingPower,
+                                             "proposer_priority": v.proposerPriority]
+                if let node = s.ledger.node(v.publicKey) { object["endpoints"] = node.endpoints }
+                return object
+            }
+            return jsonResponse(["height": s.height, "total_voting_power": s.validators.totalVotingPower, "validators": validators] as [String: Any])
+        }
+        router.get("/stakes/:account") { _, context in
+            let account = try parseAccount(context.parameters.get("account"))
+            return jsonResponse(["owner": account.owner.hex, "stakes": try encodable(view.current.ledger.stakes(ownedBy: account.owner))])
+        }
+        router.get("/nodes") { _, _ in
+            jsonResponse(["nodes": try encodable(view.current.ledger.allNodes)])
+        }
+        router.get("/events/blocks") { _, _ in
+            let stream = view.subscribe()
+            let body = ResponseBody { writer in
+                for await event in stream {
+                    let object: [String: Any] = ["height": event.height, "hash": event.hash.hex, "time_ms": event.timeMillis,
+                                                 "tx_count": event.txCount, "state_root": event.stateRoot.hex]
+                    let data = try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys])
+                    try await writer.write(ByteBuffer(bytes: Array("event: block\ndata: ".utf8) + Array(data) + Array("\n\n".utf8)))
+                }
+                try await writer.finish(nil)
+            }
+            return Response(status: .ok, headers: [.contentType: "text/event-stream", .cacheControl: "no-cache"], body: body)
+        }
+        return router
+    }
+}
+
+/// The body of POST /txs: hex text (optionally in a JSON `{"tx":"..."}`) or the raw wire bytes.
+func decodeTxBody(_ body: [UInt8]) -> [UInt8] {
+    var text = String(decoding: body, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    if text.hasPrefix("{"), let object = try? JSONSerialization.jsonObject(with: Data(body)) as? [String: Any],
+       let hex = object["tx"] as? String {
+        text = hex
+    }
+    if text.hasPrefix("0x") { text.removeFirst(2) }
+    if !text.isEmpty, text.count % 2 == 0, let bytes = Hex.decode(text) { return bytes }
+    return body
+}
+
+func parseAccount(_ text: String?) throws -> Account {
+    guard let text, !text.isEmpty else { throw ChainAPIError.badRequest("invalid_account", "missing account") }
+    let decoded = text.removingPercentEncoding ?? text
+    do { return try Account(text: decoded) } catch {
+        throw ChainAPIError.badRequest("invalid_account", error.description)
+    }
+}
+
+func encodable<T: Encodable>(_ value: T) throws -> Any {
+    let encoder = JSONEncoder()
+    return try JSONSerialization.jsonObject(with: encoder.encode(value), options: [.fragmentsAllowed])
+}
+
+func txJSON(_ tx: Transaction) -> [String: Any] {
+    var object: [String: Any] = ["hash": tx.id.hex, "signer": tx.signer.hex, "from": Account(owner: tx.signer).description,
+                                 "created_at_ms": tx.body.createdAtMillis, "kind": tx.body.kind.name]
+    if case .transfer(let transfer) = tx.body.kind {
+        var from = Account(owner: tx.signer)
+        if let sub = transfer.fromSubaccount { from = Account(owner: tx.signer, subaccount: sub) }
+        object["from"] = from.description
+        object["to"] = transfer.to.description
+        object["amount"] = transfer.amount.description
+        if let fee = transfer.fee { object["fee"] = fee.description }
+        if let memo = transfer.memo { object["memo_hex"] = Hex.encode(memo) }
+    }
+    return object
+}
+
+func blockJSON(_ block: StoredBlock, full: Bool) throws -> [String: Any] {
+    var object: [String: Any] = ["height": block.height, "hash": block.hash.hex, "time_ms": block.timeMillis,
+                                 "tx_count": block.txCount, "state_root": block.stateRoot.hex]
+    if let decoded = try? ChainBlock(canonicalBytes: block.value) {
+        object["proposer"] = decoded.proposer.description
+        object["evidence_count"] = decoded.evidence.count
+        if full {
+            object["transactions"] = decoded.transactions.map { raw -> Any in
+                (try? Transaction(decoding: raw)).map(txJSON) ?? ["raw_hex": Hex.encode(raw)]
+            }
+        }
+    }
+    if full, let certificate = try? CommitCertificate(canonicalBytes: block.certificate) {
+        object["certificate"] = ["round": certificate.round, "signatures": certificate.signatures.count,
+                                 "signers": certificate.signatures.map { $0.validator.description }] as [String: Any]
+    }
+    return object
+}

@@ -1,0 +1,259 @@
+import EdgeMatrixConsensus
+import EdgeMatrixCore
+import EdgeMatrixNetwork
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import Synchronization
+
+/// A validator this node dials: its pinned key and address from the genesis file.
+public struct PeerAddress: Sendable, Hashable {
+    public var key: PublicKey
+    public var host: String
+    public var port: Int
+
+    public init?(key: PublicKey, endpoint: String) {
+        let parts = endpoint.split(separator: ":")
+        guard parts.count >= 2, let port = Int(parts.last!), (1...65535).contains(port) else { return nil }
+        self.key = key
+        host = parts.dropLast().joined(separator: ":")
+        self.port = port
+    }
+}
+
+public enum PeerError: Error, CustomStringConvertible {
+    case identityMismatch(expected: NodeID, got: NodeID)
+    case badSignature
+    case rejected(code: String, message: String)
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .identityMismatch(let expected, let got): "peer presented key of \(got), but the genesis pins \(expected)"
+        case .badSignature: "peer's handshake signature does not verify"
+        case .rejected(let code, let message): "peer refused us (\(code)): \(message)"
+        case .protocolViolation(let what): "peer protocol violation: \(what)"
+        }
+    }
+}
+
+/// The outbound half of the validator mesh: one client per peer, a Gossip stream kept open with reconnects,
+/// and per-peer heights learned from inbound status frames.
+final class PeerNetwork: Sendable {
+    let key: SigningKey
+    let chainID: String
+    let peers: [PeerAddress]
+    let logger: Logger
+    private let outboxes = Mutex<[NodeID: AsyncStream<PeerFrame>.Continuation]>([:])
+    private let clients = Mutex<[NodeID: GRPCClient<HTTP2ClientTransport.Posix>]>([:])
+    private let heights = Mutex<[NodeID: UInt64]>([:])
+
+    init(key: SigningKey, chainID: String, peers: [PeerAddress], logger: Logger) {
+        self.key = key
+        self.chainID = chainID
+        self.peers = peers
+        self.logger = logger
+    }
+
+    var connectedCount: Int { outboxes.withLock { $0.count } }
+
+    func broadcast(_ frame: PeerFrame) {
+        for sink in outboxes.withLock({ Array($0.values) }) { sink.yield(frame) }
+    }
+
+    func noteHeight(_ height: UInt64, of peer: NodeID) {
+        heights.withLock { $0[peer] = max($0[peer] ?? 0, height) }
+    }
+
+    /// The peer with the highest reported committed height, if any is above `height`.
+    func peerAhead(of height: UInt64) -> (NodeID, UInt64)? {
+        heights.withLock { map in map.filter { $0.value > height }.max { $0.value < $1.value }.map { ($0.key, $0.value) } }
+    }
+
+    func forgetHeight(of peer: NodeID) { heights.withLock { $0[peer] = nil } }
+
+    /// Runs every peer's client until cancelled.
+    func run() async {
+        await withDiscardingTaskGroup { group in
+            for peer in peers { group.addTask { await self.runPeer(peer) } }
+        }
+    }
+
+    private func runPeer(_ peer: PeerAddress) async {
+        let transport: HTTP2ClientTransport.Posix
+        do {
+            transport = try HTTP2ClientTransport.Posix(
+                target: .ipv4(address: peer.host == "localhost" ? "127.0.0.1" : peer.host, port: peer.port),
+                transportSecurity: .plaintext,
+                config: .defaults { $0.backoff = .init(initial: .milliseconds(100), max: .seconds(1), multiplier: 2, jitter: 0.2) }
+            )
+        } catch {
+            logger.error("cannot create peer transport", metadata: ["peer": "\(peer.host):\(peer.port)", "error": "\(error)"])
+            return
+        }
+        let client = GRPCClient(transport: transport)
+        let id = peer.key.nodeID
+        clients.withLock { $0[id] = client }
+        await withDiscardingTaskGroup { group in
+            group.addTask { try? await client.runConnections() }
+            var failures = 0
+            while !Task.isCancelled {
+                let started = ContinuousClock.now
+                do {
+                    try await session(client, peer: peer)
+                } catch is CancellationError {
+                    break
+                } catch {
+                    if Task.isCancelled { break }
+                    if failures == 0 || failures % 20 == 0 {
+                        logger.info("peer link down", metadata: ["peer": "\(id.short)", "address": "\(peer.host):\(peer.port)", "error": "\(error)"])
+                    }
+                }
+                if ContinuousClock.now - started > .seconds(10) { failures = 0 }
+                failures += 1
+                let base = min(100 * (1 << min(failures - 1, 4)), 1_000)
+                try? await Task.sleep(for: .milliseconds(base / 2 + Int.random(in: 0...(base / 2))))
+            }
+            client.beginGracefulShutdown()
+        }
+        clients.withLock { $0[id] = nil }
+    }
+
+    private func session(_ client: GRPCClient<HTTP2ClientTransport.Posix>, peer: PeerAddress) async throws {
+        let (outbound, sink) = AsyncStream<PeerFrame>.makeStream(bufferingPolicy: .bufferingNewest(50_000))
+        let nonce = PeerHandshake.randomNonce()
+        sink.yield(.hello(nodeKey: key.publicKey, nonce: nonce, chainID: chainID))
+        let request = StreamingClientRequest<PeerFrame> { writer in
+            for await frame in outbound { try await writer.write(frame) }
+        }
+        let id = peer.key.nodeID
+        defer {
+            sink.finish()
+            outboxes.withLock { if $0[id] != nil { $0[id] = nil } }
+            forgetHeight(of: id)
+        }
+        try await client.bidirectionalStreaming(
+            request: request, descriptor: PeerService.gossip,
+            serializer: CanonicalSerializer<PeerFrame>(), deserializer: CanonicalDeserializer<PeerFrame>(),
+            options: .defaults
+        ) { [self] response in
+            var inbound = response.messages.makeAsyncIterator()
+            guard case .challenge(let serverKey, let serverNonce, let signature)? = try await inbound.next() else {
+                throw PeerError.protocolViolation("expected a challenge")
+            }
+            guard serverKey == peer.key else { throw PeerError.identityMismatch(expected: id, got: serverKey.nodeID) }
+            let serverTranscript = PeerHandshake.transcript(role: "server", chainID: chainID, clientKey: key.publicKey,
+                                                            clientNonce: nonce, serverKey: serverKey, serverNonce: serverNonce)
+            guard serverKey.isValidSignature(signature, for: serverTranscript, domain: .peerHandshake) else {
+                throw PeerError.badSignature
+            }
+            let clientTranscript = PeerHandshake.transcript(role: "client", chainID: chainID, clientKey: key.publicKey,
+                                                            clientNonce: nonce, serverKey: serverKey, serverNonce: serverNonce)
+            sink.yield(.auth(signature: key.sign(clientTranscript, domain: .peerHandshake)))
+            switch try await inbound.next() {
+            case .accepted?: break
+            case .rejected(let code, let message)?: throw PeerError.rejected(code: code, message: message)
+            default: throw PeerError.protocolViolation("expected accepted or rejected")
+            }
+            outboxes.withLock { $0[id] = sink }
+            logger.info("peer link up", metadata: ["peer": "\(id.short)", "address": "\(peer.host):\(peer.port)"])
+            while let frame = try await inbound.next() {
+                if case .status(let height) = frame { noteHeight(height, of: id) }
+            }
+            throw PeerError.protocolViolation("peer closed the stream")
+        }
+    }
+
+    /// Committed blocks from a peer (block sync).
+    func fetchBlocks(from peer: NodeID, start: UInt64, limit: UInt32) async throws -> BlockRangeResponse? {
+        guard let client = clients.withLock({ $0[peer] }) else { return nil }
+        var options = CallOptions.defaults
+        options.maxResponseMessageBytes = PeerService.maxMessageBytes
+        options.timeout = .seconds(10)
+        return try await client.unary(
+            request: ClientRequest(message: BlockRangeRequest(from: start, limit: limit)), descriptor: PeerService.getBlocks,
+            serializer: CanonicalSerializer<BlockRangeRequest>(), deserializer: CanonicalDeserializer<BlockRangeResponse>(),
+            options: options
+        ) { try $0.message }
+    }
+}
+
+/// The inbound half: authenticates dialing validators and hands their frames to the node.
+struct PeerEndpoint: RegistrableRPCService {
+    let key: SigningKey
+    let chainID: String
+    let isAllowed: @Sendable (PublicKey) -> Bool
+    let onFrame: @Sendable (NodeID, PeerFrame) -> Void
+    let blocks: @Sendable (BlockRangeRequest) throws -> BlockRangeResponse
+    let statusFrame: @Sendable () -> PeerFrame
+    let logger: Logger
+
+    func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
+        router.registerHandler(
+            forMethod: PeerService.gossip,
+            deserializer: CanonicalDeserializer<PeerFrame>(),
+            serializer: CanonicalSerializer<PeerFrame>()
+        ) { request, _ in
+            StreamingServerResponse { writer in
+                try await gossip(request.messages, writer: writer)
+                return [:]
+            }
+        }
+        router.registerHandler(
+            forMethod: PeerService.getBlocks,
+            deserializer: CanonicalDeserializer<BlockRangeRequest>(),
+            serializer: CanonicalSerializer<BlockRangeResponse>()
+        ) { request, _ in
+            let message = try await ServerRequest(stream: request).message
+            return StreamingServerResponse(single: ServerResponse(message: try blocks(message)))
+        }
+    }
+
+    private func gossip(_ messages: RPCAsyncSequence<PeerFrame, any Error>, writer: RPCWriter<PeerFrame>) async throws {
+        var inbound = messages.makeAsyncIterator()
+        guard case .hello(let clientKey, let clientNonce, let theirChain)? = try await inbound.next(),
+              clientNonce.count == PeerHandshake.nonceLength else {
+            throw RPCError(code: .invalidArgument, message: "the first frame must be hello with a 32-byte nonce")
+        }
+        func reject(_ code: String, _ message: String) async throws -> Never {
+            logger.warning("peer refused", metadata: ["peer": "\(clientKey.nodeID.short)", "code": "\(code)", "reason": "\(message)"])
+            try? await writer.write(.rejected(code: code, message: message))
+            throw RPCError(code: .permissionDenied, message: message)
+        }
+        guard theirChain == chainID else { try await reject("wrong_chain", "this is chain '\(chainID)', not '\(theirChain)'") }
+        let serverNonce = PeerHandshake.randomNonce()
+        let serverTranscript = PeerHandshake.transcript(role: "server", chainID: chainID, clientKey: clientKey,
+                                                        clientNonce: clientNonce, serverKey: key.publicKey, serverNonce: serverNonce)
+        try await writer.write(.challenge(nodeKey: key.publicKey, nonce: serverNonce,
+                                          signature: key.sign(serverTranscript, domain: .peerHandshake)))
+        guard case .auth(let signature)? = try await inbound.next() else {
+            try await reject("bad_auth", "expected auth after the challenge")
+        }
+        let clientTranscript = PeerHandshake.transcript(role: "client", chainID: chainID, clientKey: clientKey,
+                                                        clientNonce: clientNonce, serverKey: key.publicKey, serverNonce: serverNonce)
+        guard clientKey.isValidSignature(signature, for: clientTranscript, domain: .peerHandshake) else {
+            try await reject("bad_signature", "handshake signature does not verify for key \(clientKey.hex)")
+        }
+        guard isAllowed(clientKey) else {
+            try await reject("not_a_validator", "key \(clientKey.nodeID) is not a validator of chain '\(chainID)'")
+        }
+        try await writer.write(.accepted)
+        let peer = clientKey.nodeID
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                while true {
+                    try await writer.write(statusFrame())
+                    try await Task.sleep(for: .milliseconds(500))
+                }
+            }
+            while let frame = try await inbound.next() {
+                switch frame {
+                case .consensus, .tx, .status: onFrame(peer, frame)
+                default: throw RPCError(code: .failedPrecondition, message: "handshake frame after the handshake")
+                }
+            }
+            group.cancelAll()
+        }
+    }
+}

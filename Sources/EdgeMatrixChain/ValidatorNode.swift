@@ -1,0 +1,260 @@
+import EdgeMatrixConsensus
+import EdgeMatrixCore
+import EdgeMatrixLedger
+import EdgeMatrixNetwork
+import EdgeMatrixStore
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Hummingbird
+import Logging
+import ServiceLifecycle
+
+public struct ValidatorConfiguration: Sendable {
+    public var genesis: Genesis
+    public var dataDirectory: String
+    public var httpHost: String
+    public var httpPort: Int
+    public var p2pHost: String
+    public var p2pPort: Int
+    public var timeouts: TimeoutConfiguration
+    public var maxTxsPerBlock: Int
+    public var gossipIntervalMs: Int
+
+    public init(genesis: Genesis, dataDirectory: String, httpHost: String = "127.0.0.1", httpPort: Int, p2pHost: String = "127.0.0.1",
+                p2pPort: Int, timeouts: TimeoutConfiguration = ValidatorConfiguration.defaultTimeouts, maxTxsPerBlock: Int = 10_000,
+                gossipIntervalMs: Int = 300) {
+        self.genesis = genesis
+        self.dataDirectory = dataDirectory
+        self.httpHost = httpHost
+        self.httpPort = httpPort
+        self.p2pHost = p2pHost
+        self.p2pPort = p2pPort
+        self.timeouts = timeouts
+        self.maxTxsPerBlock = maxTxsPerBlock
+        self.gossipIntervalMs = gossipIntervalMs
+    }
+
+    /// About one block per second: the commit wait is what paces an idle chain.
+    public static let defaultTimeouts = TimeoutConfiguration(proposeMs: 2000, proposeDeltaMs: 500, prevoteMs: 1000, prevoteDeltaMs: 500,
+                                                             precommitMs: 1000, precommitDeltaMs: 500, commitMs: 900)
+
+    public static func loadGenesis(path: String) throws -> Genesis {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ChainError.genesis("cannot read \(path)")
+        }
+        do { return try Genesis.decode(json: data) } catch { throw ChainError.genesis("\(path): \(error)") }
+    }
+}
+
+/// A validator: consensus engine, ledger, block store, mempool, peer transport and the chain's HTTP JSON API.
+public struct ValidatorNode: Service {
+    public let configuration: ValidatorConfiguration
+    public let key: SigningKey
+    public let view: ChainView
+    public let mempool: Mempool
+    let store: BlockStore
+    let driver: ChainDriver
+    let peers: PeerNetwork
+    let inputs: AsyncStream<ChainInput>
+    let inputSink: AsyncStream<ChainInput>.Continuation
+    let metricsText: @Sendable () -> [UInt8]
+    let onReady: @Sendable (Int, Int) async -> Void
+    let logger: Logger
+
+    /// Opens the store, replays committed blocks into a fresh ledger and recovers consensus from the WAL.
+    public init(configuration: ValidatorConfiguration, key: SigningKey, metricsText: @escaping @Sendable () -> [UInt8] = { [] },
+                logger: Logger = Logger(label: "emc.validator"),
+                onReady: @escaping @Sendable (_ httpPort: Int, _ p2pPort: Int) async -> Void = { _, _ in }) throws {
+        self.configuration = configuration
+        self.key = key
+        self.metricsText = metricsText
+        self.onReady = onReady
+        var logger = logger
+        logger[metadataKey: "validator"] = "\(key.nodeID.short)"
+        self.logger = logger
+        let genesis = configuration.genesis
+        guard genesis.validators.contains(where: { $0.nodeKey == key.publicKey }) else { throw ChainError.notAValidator(key.nodeID) }
+        try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
+        store = try BlockStore(path: configuration.dataDirectory + "/chain.sqlite")
+
+        var ledger: LedgerState
+        do { ledger = try LedgerState(genesis: genesis) } catch { throw ChainError.genesis("\(error)") }
+        var validators: ValidatorSet
+        do {
+            validators = try ValidatorSet(ledger.validators.map { (publicKey: $0.nodeKey, votingPower: $0.power) })
+        } catch { throw ChainError.genesis("validator set: \(error)") }
+        var lastHash = Hash32.zero
+        var lastTime = genesis.genesisTimeMillis
+        var lastUpdates = [StakedValidator]()
+        let last = try store.lastHeight()
+        var height: UInt64 = 1
+        let started = ContinuousClock.now
+        while height <= last {
+            let batch = try store.blocks(from: height, limit: 500)
+            if batch.isEmpty { break }
+            for stored in batch {
+                let block: ChainBlock
+                do { block = try ChainBlock(canonicalBytes: stored.value) } catch {
+                    throw ChainError.corruptBlock(height: stored.height, reason: "\(error)")
+                }
+                var keys = [NodeID: PublicKey]()
+                for node in ledger.allNodes { keys[node.nodeID] = node.nodeKey }
+                let misbehaviour = block.evidence.compactMap { e in keys[e.validator].map { Misbehaviour(validator: $0, evidenceID: e.id) } }
+                let result: BlockResult
+                do {
+                    result = try ledger.applyBlock(rawTxs: block.transactions, misbehaviour: misbehaviour,
+                                                   context: BlockContext(height: stored.height, timeMillis: block.timeMillis))
+                } catch { throw ChainError.corruptBlock(height: stored.height, reason: "\(error)") }
+                guard result.stateRoot == stored.stateRoot else {
+                    throw ChainError.replayMismatch(height: stored.height, stored: stored.stateRoot, computed: result.stateRoot)
+                }
+                do { validators = try ValidatorSet(canonicalBytes: stored.nextValidators) } catch {
+                    throw ChainError.corruptBlock(height: stored.height, reason: "next validators: \(error)")
+                }
+                lastHash = stored.hash
+                lastTime = block.timeMillis
+                lastUpdates = result.validatorUpdates
+                height = stored.height + 1
+            }
+        }
+        if last > 0 {
+            logger.info("replayed committed blocks", metadata: ["height": "\(ledger.height)", "state_root": "\(ledger.stateRoot().hex.prefix(16))",
+                                                              "seconds": "\(ContinuousClock.now - started)"])
+        }
+        view = ChainView(ChainSnapshot(ledger: ledger, height: ledger.height, blockHash: lastHash, stateRoot: ledger.stateRoot(),
+                                       timeMillis: lastTime, validators: validators))
+        mempool = Mempool()
+        let wal: FileWAL
+        do { wal = try FileWAL(path: configuration.dataDirectory + "/consensus.wal") } catch { throw ChainError.wal(error.description) }
+        let peerList = genesis.validators.filter { $0.nodeKey != key.publicKey }.compactMap { v in
+            v.endpoints.first.flatMap { PeerAddress(key: v.nodeKey, endpoint: $0) }
+        }
+        peers = PeerNetwork(key: key, chainID: genesis.chainID, peers: peerList, logger: logger)
+        (inputs, inputSink) = AsyncStream<ChainInput>.makeStream()
+        driver = try ChainDriver(chainID: genesis.chainID, key: key, store: store, wal: wal, mempool: mempool, view: view,
+                                 peers: peers, inputs: inputSink, ledger: ledger, lastHash: lastHash, validators: validators,
+                                 timeouts: configuration.timeouts, pendingUpdates: lastUpdates,
+                                 maxTxsPerBlock: configuration.maxTxsPerBlock, logger: logger)
+    }
+
+    /// Admits a transaction (from the API or a peer); on success it is gossiped when `gossip` is set.
+    public func submit(_ bytes: [UInt8], gossip: Bool = true) throws(MempoolRejection) -> Hash32 {
+        let id = try mempool.admit(bytes, ledger: view.current.ledger, store: store)
+        if gossip { peers.broadcast(.tx(bytes)) }
+        return id
+    }
+
+    public func run() async throws {
+        let genesis = configuration.genesis
+        let view = view
+        let store = store
+        let peers = peers
+        let inputSink = inputSink
+        let logger = logger
+        let genesisKeys = Set(genesis.validators.map(\.nodeKey))
+        let endpoint = PeerEndpoint(
+            key: key, chainID: genesis.chainID,
+            isAllowed: { key in genesisKeys.contains(key) || view.current.validators.index(of: key.nodeID) != nil },
+            onFrame: { [self] peer, frame in
+                switch frame {
+                case .consensus(let bytes):
+                    if let message = try? ConsensusMessage(canonicalBytes: bytes) { inputSink.yield(.message(message)) }
+                case .tx(let bytes):
+                    _ = try? submit(bytes, gossip: false)
+                case .status(let height):
+                    peers.noteHeight(height, of: peer)
+                default: break
+                }
+            },
+            blocks: { request in
+                let limit = Int(min(max(request.limit, 1), 200))
+                let blocks = try store.blocks(from: request.from, limit: limit, maxBytes: PeerService.maxMessageBytes / 2)
+                return BlockRangeResponse(latestHeight: view.current.height,
+                                          blocks: blocks.map { .init(value: $0.value, certificate: $0.certificate) })
+            },
+            statusFrame: { .status(height: view.current.height) },
+            logger: logger)
+        let transport = HTTP2ServerTransport.Posix(
+            address: .ipv4(host: configuration.p2pHost, port: configuration.p2pPort),
+            transportSecurity: .plaintext,
+            config: .defaults { $0.rpc.maxRequestPayloadSize = PeerService.maxMessageBytes }
+        )
+        let grpcServer = GRPCServer(transport: transport, services: [endpoint])
+        let api = ChainAPI(node: self)
+        let configuration = configuration
+        let onReady = onReady
+        let driver = driver
+        try await driver.start()
+
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { try await grpcServer.serve() }
+            let p2pPort = try await transport.listeningAddress.ipv4?.port ?? configuration.p2pPort
+            group.addTask { await peers.run() }
+            // The consensus loop: the only caller of the driver.
+            group.addTask {
+                for await input in inputs { try await driver.process(input) }
+            }
+            group.addTask {
+                while !Task.isCancelled {
+                    try? await Task.sleep(for: .milliseconds(configuration.gossipIntervalMs))
+                    inputSink.yield(.gossipTick)
+                }
+            }
+            group.addTask { await syncLoop() }
+            let app = Application(
+                router: api.makeRouter(),
+                configuration: .init(address: .hostname(configuration.httpHost, port: configuration.httpPort),
+                                     serverName: "edgematrix-validator"),
+                onServerRunning: { channel in
+                    let httpPort = channel.localAddress?.port ?? 0
+                    logger.info("validator ready", metadata: ["http": "\(httpPort)", "p2p": "\(p2pPort)", "height": "\(view.current.height)",
+                                                              "chain": "\(genesis.chainID)"])
+                    await onReady(httpPort, p2pPort)
+                },
+                logger: logger
+            )
+            try await withGracefulShutdownHandler {
+                try await app.run()
+            } onGracefulShutdown: {
+                grpcServer.beginGracefulShutdown()
+                inputSink.finish()
+            }
+            // The HTTP server is down: stop the rest of the node.
+            grpcServer.beginGracefulShutdown()
+            group.cancelAll()
+        }
+    }
+
+    /// Block sync: when a peer reports a higher committed height, fetch blocks with certificates and feed them in order.
+    private func syncLoop() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(250))
+            let ours = view.current.height
+            guard let (peer, theirs) = peers.peerAhead(of: ours) else { continue }
+            // One block behind is normal while a commit propagates; wait for the gossip a moment before fetching.
+            if theirs == ours + 1 {
+                try? await Task.sleep(for: .milliseconds(400))
+                if view.current.height >= theirs { continue }
+            }
+            do {
+                guard let response = try await peers.fetchBlocks(from: peer, start: ours + 1, limit: 100) else { continue }
+                var fed: UInt64 = ours
+                for entry in response.blocks {
+                    let certificate = try CommitCertificate(canonicalBytes: entry.certificate)
+                    inputSink.yield(.synced(value: entry.value, certificate: certificate))
+                    fed = certificate.height
+                }
+                if fed > ours {
+                    logger.info("block sync", metadata: ["from": "\(ours + 1)", "to": "\(fed)", "peer": "\(peer.short)"])
+                    let deadline = ContinuousClock.now + .seconds(5)
+                    while view.current.height < fed, ContinuousClock.now < deadline {
+                        try? await Task.sleep(for: .milliseconds(20))
+                    }
+                }
+            } catch {
+                logger.debug("block sync failed", metadata: ["peer": "\(peer.short)", "error": "\(error)"])
+            }
+        }
+    }
+}
