@@ -90,7 +90,9 @@ public struct Gateway: Sendable {
         v1.post("completions") { request, context in try await openAI(request, context: context, path: "/v1/completions", route: "completions") }
         v1.post("embeddings") { request, context in try await openAI(request, context: context, path: "/v1/embeddings", route: "embeddings") }
         for method in [HTTPRequest.Method.get, .post, .put, .delete, .patch] {
-            v1.on("apps/:app/**", method: method) { request, context in try await passThrough(request, context: context) }
+            for path in ["apps/:app", "apps/:app/**"] {
+                v1.on(RouterPath(path), method: method) { request, context in try await passThrough(request, context: context) }
+            }
         }
         return router
     }

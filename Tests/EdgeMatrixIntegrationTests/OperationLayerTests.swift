@@ -81,6 +81,35 @@ struct OperationLayerTests {
         #expect(throws: Never.self) { try receipt.verify(nodeKey: nodeKey, routerKey: network.routerKey.publicKey) }
     }
 
+    @Test("REST apps are reachable through the pass-through route, with method, path, query and body kept")
+    func restPassThrough() async throws {
+        let network = try await TestNetwork(name: "rest")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        // The embeddings server doubles as a plain REST app here.
+        try network.startComputeNode(extraApps: [.init(name: "vectors", kind: .rest, baseURL: network.models.embeddingsURL,
+                                                       healthPath: "/health")])
+        try await network.waitForNodes(1)
+
+        let health = try await Harness.request(.GET, network.baseURL + "/apps/vectors/health?probe=1", key: network.apiKey)
+        #expect(health.status == 200)
+        #expect(health.json?["status"] as? String == "ok")
+        let body = Harness.json(["model": embeddingModel, "input": ["pass", "through"]])
+        let routed = try await Harness.request(.POST, network.baseURL + "/apps/vectors/v1/embeddings", key: network.apiKey, body: body)
+        let direct = try await Harness.request(.POST, network.models.embeddingsURL + "/v1/embeddings", body: body)
+        #expect(routed.status == 200)
+        #expect(routed.body == direct.body)
+        // The app's root is reachable too (forwarded as "/").
+        let root = try await Harness.request(.GET, network.baseURL + "/apps/vectors", key: network.apiKey)
+        #expect(root.status == 404)
+        #expect((root.json?["error"] as? [String: Any])?["code"] as? String == "unknown_url")
+        let missing = try await Harness.request(.GET, network.baseURL + "/apps/nope/x", key: network.apiKey)
+        #expect(missing.status == 404)
+        #expect((missing.json?["error"] as? [String: Any])?["code"] as? String == "app_not_found")
+        let unauthorized = try await Harness.request(.GET, network.baseURL + "/apps/vectors/health")
+        #expect(unauthorized.status == 401)
+    }
+
     @Test("errors come back in OpenAI's shape with stable codes")
     func errorShapes() async throws {
         let network = try await TestNetwork(name: "errors")
