@@ -11,7 +11,8 @@ enum ChainInput: Sendable {
     case message(ConsensusMessage)
     case timeout(ScheduledTimeout)
     case synced(value: [UInt8], certificate: CommitCertificate)
-    case gossipTick
+    /// Periodic: send our committed height, and with `full` every proposal and vote of the current height again.
+    case gossipTick(full: Bool)
 }
 
 /// Owns the consensus engine, the WAL, the ledger and the block store; only the consensus loop calls it, one input
@@ -86,8 +87,8 @@ actor ChainDriver {
         case .synced(let value, let certificate):
             guard certificate.height == engine.height else { return }
             try feed(.syncedBlock(value: value, certificate: certificate))
-        case .gossipTick:
-            for message in engine.gossipMessages { peers.broadcast(.consensus(message.canonicalBytes)) }
+        case .gossipTick(let full):
+            if full { for message in engine.gossipMessages { peers.broadcast(.consensus(message.canonicalBytes)) } }
             peers.broadcast(.status(height: ledger.height))
         }
     }

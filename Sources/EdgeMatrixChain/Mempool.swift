@@ -47,9 +47,7 @@ public final class Mempool: Sendable {
         if let stored = try? store?.tx(hash: id) {
             throw MempoolRejection(code: "duplicate", message: "transaction \(id.hex) was already committed in block \(stored.height)")
         }
-        guard tx.hasValidSignature else {
-            throw MempoolRejection(code: "bad_signature", message: "the signature does not verify for signer \(tx.signer.hex)")
-        }
+        // The ledger's dry run checks the chain id, the signature, time, deduplication and funds.
         let context = BlockContext(height: ledger.height + 1, timeMillis: max(wallClockMillis(), ledger.lastBlockTimeMillis))
         if let error = ledger.check(tx, context: context) {
             throw MempoolRejection(code: errorCode(error), message: error.description)
@@ -115,6 +113,11 @@ public final class ChainView: Sendable {
     func publish(_ new: ChainSnapshot, event: BlockEvent?) {
         snapshot.withLock { $0 = new }
         if let event { for sink in subscribers.withLock({ Array($0.values) }) { sink.yield(event) } }
+    }
+
+    /// Ends every subscription (shutdown: open SSE responses must finish for the HTTP server to stop).
+    func finishSubscribers() {
+        for sink in subscribers.withLock({ map in defer { map.removeAll() }; return Array(map.values) }) { sink.finish() }
     }
 
     /// New blocks from now on; the stream ends when the consumer stops iterating.

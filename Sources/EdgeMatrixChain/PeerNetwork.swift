@@ -84,7 +84,7 @@ final class PeerNetwork: Sendable {
         let transport: HTTP2ClientTransport.Posix
         do {
             transport = try HTTP2ClientTransport.Posix(
-                target: .ipv4(address: peer.host == "localhost" ? "127.0.0.1" : peer.host, port: peer.port),
+                target: .dns(host: peer.host, port: peer.port),
                 transportSecurity: .plaintext,
                 config: .defaults { $0.backoff = .init(initial: .milliseconds(100), max: .seconds(1), multiplier: 2, jitter: 0.2) }
             )

@@ -140,7 +140,8 @@ public struct ValidatorNode: Service {
 
     /// Admits a transaction (from the API or a peer); on success it is gossiped when `gossip` is set.
     public func submit(_ bytes: [UInt8], gossip: Bool = true) throws(MempoolRejection) -> Hash32 {
-        let id = try mempool.admit(bytes, ledger: view.current.ledger, store: store)
+        // Peers' gossip skips the store lookup: the ledger's dedup check already refuses a committed transaction.
+        let id = try mempool.admit(bytes, ledger: view.current.ledger, store: gossip ? store : nil)
         if gossip { peers.broadcast(.tx(bytes)) }
         return id
     }
@@ -196,9 +197,15 @@ public struct ValidatorNode: Service {
                 for await input in inputs { try await driver.process(input) }
             }
             group.addTask {
+                var tick = 0
+                var links = 0
                 while !Task.isCancelled {
                     try? await Task.sleep(for: .milliseconds(configuration.gossipIntervalMs))
-                    inputSink.yield(.gossipTick)
+                    tick += 1
+                    // Everything held for the current height again: now and then, and at once when a peer link comes up.
+                    let connected = peers.connectedCount
+                    inputSink.yield(.gossipTick(full: tick % 4 == 0 || connected > links))
+                    links = connected
                 }
             }
             group.addTask { await syncLoop() }
@@ -219,6 +226,7 @@ public struct ValidatorNode: Service {
             } onGracefulShutdown: {
                 grpcServer.beginGracefulShutdown()
                 inputSink.finish()
+                view.finishSubscribers()
             }
             // The HTTP server is down: stop the rest of the node.
             grpcServer.beginGracefulShutdown()

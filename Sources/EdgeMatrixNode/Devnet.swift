@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import EdgeMatrixChain
 import EdgeMatrixCompute
 import EdgeMatrixCore
 import EdgeMatrixRouter
@@ -23,10 +24,17 @@ public struct Devnet: Sendable {
         public var logsDirectory: String { dataDirectory + "/logs" }
         public var apiKeyPath: String { dataDirectory + "/api-key.txt" }
         public var baseURL: String { "http://127.0.0.1:\(httpPort)/v1" }
+        /// Validator i (0-based): HTTP API on PORT+20+i, peer port PORT+30+i (on first run; later runs keep the genesis').
+        public func validatorHTTPPort(_ i: Int) -> Int { httpPort + 20 + i }
+        public func validatorP2PPort(_ i: Int) -> Int { httpPort + 30 + i }
+        public var nodeURL: String { "http://127.0.0.1:\(validatorHTTPPort(0))" }
+        public var genesisPath: String { dataDirectory + "/genesis.json" }
+        public var fundedKeyPath: String { dataDirectory + "/funded.key" }
     }
 
     public let layout: Layout
     public let computeNodeCount = 2
+    public let validatorCount = 4
     let logger: Logger
 
     public init(dataDirectory: String, httpPort: Int, logger: Logger) {
@@ -74,6 +82,7 @@ public struct Devnet: Sendable {
             nodeLogger[metadataKey: "node"] = "compute-\(index)"
             services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, logger: nodeLogger))
         }
+        services += try validators()
         let banner = DevnetBanner(layout: layout, apiKey: apiKey)
         services.append(ReadinessReporter(ready: ready, baseURL: layout.baseURL, apiKey: apiKey, httpClient: httpClient,
                                           expectedModels: [LocalModels.chatModel, LocalModels.embeddingModel],
@@ -88,6 +97,28 @@ public struct Devnet: Sendable {
         }
         try? await httpClient.shutdown()
         say("devnet stopped; state kept in \(layout.dataDirectory)")
+    }
+
+    /// Four in-process validators (f = 1) from a genesis generated once into DATA_DIR/genesis.json.
+    func validators() throws -> [any Service] {
+        _ = NodeMetrics.registry  // bootstrap swift-metrics before the validators create their counters
+        let endpoints = (0..<validatorCount).map { "127.0.0.1:\(layout.validatorP2PPort($0))" }
+        let genesis = try DevnetGenesis.loadOrCreate(directory: layout.dataDirectory, chainID: "emc-devnet", endpoints: endpoints)
+        let genesisLayout = DevnetGenesis.Layout(directory: layout.dataDirectory)
+        var services = [any Service]()
+        for (i, validator) in genesis.validators.enumerated() {
+            let key = try KeyFile.read(from: genesisLayout.validatorKeyPath(i + 1))
+            guard key.publicKey == validator.nodeKey else {
+                throw ChainError.genesis("\(genesisLayout.validatorKeyPath(i + 1)) does not hold validator \(i + 1)'s key of \(layout.genesisPath)")
+            }
+            let p2pPort = validator.endpoints.first.flatMap { PeerAddress(key: key.publicKey, endpoint: $0)?.port } ?? layout.validatorP2PPort(i)
+            var nodeLogger = logger
+            nodeLogger[metadataKey: "node"] = "validator-\(i + 1)"
+            let configuration = ValidatorConfiguration(genesis: genesis, dataDirectory: genesisLayout.validatorDirectory(i + 1),
+                                                       httpPort: layout.validatorHTTPPort(i), p2pPort: p2pPort)
+            services.append(try ValidatorNode(configuration: configuration, key: key, metricsText: NodeMetrics.text, logger: nodeLogger))
+        }
+        return services
     }
 
     /// The devnet's API key: created once, stored beside the data so a second run prints the same key.
@@ -116,9 +147,17 @@ public struct DevnetBanner: Sendable {
     public var text: String {
         """
 
-        EdgeMatrix devnet is up: 1 router, 2 compute nodes, models \(LocalModels.chatModel) and \(LocalModels.embeddingModel)
-          router:    http://127.0.0.1:\(layout.httpPort)   (metrics at /metrics)
-          data dir:  \(layout.dataDirectory)
+        EdgeMatrix devnet is up: 1 router, 2 compute nodes, models \(LocalModels.chatModel) and \(LocalModels.embeddingModel),
+        and 4 validators (chain emc-devnet, about one block a second)
+          router:     http://127.0.0.1:\(layout.httpPort)   (metrics at /metrics)
+          validators: http://127.0.0.1:\(layout.validatorHTTPPort(0))...\(layout.validatorHTTPPort(3))   (chain HTTP API)
+          data dir:   \(layout.dataDirectory)
+
+        The chain (emc tx / emc query use EMC_NODE_URL):
+        EMC_NODE_URL=\(layout.nodeURL)
+        funded account key: \(layout.fundedKeyPath)
+          emc query status
+          emc tx transfer --to <account> --amount 12.5 --key \(layout.fundedKeyPath)
 
         Export these to use the stock OpenAI SDK:
         OPENAI_BASE_URL=\(layout.baseURL)

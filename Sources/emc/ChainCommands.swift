@@ -151,3 +151,38 @@ struct Query: AsyncParsableCommand {
         func run() async throws { printJSON(try await node.client().get("/validators")) }
     }
 }
+
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Benchmarks.", subcommands: [ChainBenchCommand.self])
+
+    struct ChainBenchCommand: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "chain",
+            abstract: "Committed signed transfers per second with validators on loopback, block time, finality, Ed25519 rates.",
+            discussion: "Runs the validators inside this process on a fresh genesis in a temporary directory.")
+        @Option(help: "Signed transfers to submit.") var transactions: Int = 20_000
+        @Option(help: "Number of validators.") var validators: Int = 4
+        @Option(help: "First HTTP port; peer ports start at PORT+10.") var basePort: Int = 29300
+        @Option(help: "Commit wait in ms (paces blocks).") var commitMs: UInt64 = 900
+        @Option(help: "Most transactions per block.") var maxTxsPerBlock: Int = 10_000
+        @Option(help: "Keep the chain data here instead of a temporary directory.") var dataDir: String?
+
+        func validate() throws {
+            guard transactions >= 1, transactions <= 1_000_000 else { throw ValidationError("--transactions must be 1...1000000") }
+            guard (1...16).contains(validators) else { throw ValidationError("--validators must be 1...16") }
+        }
+
+        func run() async throws {
+            var logger = bootstrapLogging()
+            if ProcessInfo.processInfo.environment["LOG_LEVEL"] == nil { logger.logLevel = .warning }
+            let directory = dataDir.map(absolute) ?? NSTemporaryDirectory() + "emc-bench-\(UUID().uuidString.prefix(8))"
+            var timeouts = ValidatorConfiguration.defaultTimeouts
+            timeouts.commitMs = commitMs
+            let result = try await ChainBench.run(transactions: transactions, validators: validators, basePort: basePort,
+                                                  directory: directory, timeouts: timeouts, maxTxsPerBlock: maxTxsPerBlock,
+                                                  logger: logger, progress: say)
+            say(result.description)
+            if dataDir == nil { try? FileManager.default.removeItem(atPath: directory) }
+        }
+    }
+}

@@ -16,7 +16,7 @@ struct EMC: AsyncParsableCommand {
         abstract: "EdgeMatrix: an open, decentralized computing network for AI.",
         discussion: "Start with `emc devnet`, which runs a whole local network and prints how to call it.",
         version: ComputeNode.version,
-        subcommands: [Devnet.self, Node.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self]
+        subcommands: [Devnet.self, Node.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self, Bench.self]
     )
 }
 
@@ -75,7 +75,7 @@ struct Devnet: AsyncParsableCommand {
 
 struct Node: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run one node: a compute node beside your AI app, or a router.",
+        abstract: "Run one node: a compute node beside your AI app, a router, or a validator.",
         discussion: """
         compute: --config FILE lists the routers to dial (address and pinned key) and the local apps (name, kind \
         openai|rest, base_url, models). The node key is DATA_DIR/node.key (created if missing).
