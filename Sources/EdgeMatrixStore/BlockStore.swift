@@ -56,18 +56,7 @@ public final class BlockStore: Sendable {
 
     public init(path: String) throws {
         self.path = path
-        var config = Configuration()
-        config.prepareDatabase { db in
-            try db.execute(sql: "PRAGMA synchronous = FULL")
-        }
-        config.busyMode = .timeout(10)
-        do {
-            try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent,
-                                                    withIntermediateDirectories: true)
-            pool = try DatabasePool(path: path, configuration: config)
-        } catch {
-            throw StoreError.cannotOpen(path: path, reason: "\(error)")
-        }
+        pool = try DurableDatabase.open(path: path)
         var migrator = DatabaseMigrator()
         migrator.registerMigration("v1") { db in
             try db.create(table: "block") { t in

@@ -14,14 +14,10 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
     }
 }
 
-/// The router's durable state in one SQLite file: API keys (hashed) and receipts.
-/// WAL mode with synchronous=FULL: a committed write survives kill -9 and power loss.
-public final class RouterDatabase: Sendable {
-    let pool: DatabasePool
-    public let path: String
-
-    public init(path: String) throws {
-        self.path = path
+/// Opens the project's SQLite files the one way that is safe for money and receipts: WAL mode with
+/// synchronous=FULL, so a committed write survives kill -9 and power loss.
+enum DurableDatabase {
+    static func open(path: String) throws -> DatabasePool {
         var config = Configuration()
         config.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = FULL")
@@ -30,10 +26,21 @@ public final class RouterDatabase: Sendable {
         do {
             try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent,
                                                     withIntermediateDirectories: true)
-            pool = try DatabasePool(path: path, configuration: config)
+            return try DatabasePool(path: path, configuration: config)
         } catch {
             throw StoreError.cannotOpen(path: path, reason: "\(error)")
         }
+    }
+}
+
+/// The router's durable state in one SQLite file: API keys (hashed) and receipts.
+public final class RouterDatabase: Sendable {
+    let pool: DatabasePool
+    public let path: String
+
+    public init(path: String) throws {
+        self.path = path
+        pool = try DurableDatabase.open(path: path)
         try Self.migrator.migrate(pool)
     }
 

@@ -141,7 +141,7 @@ final class Simulation {
                                             precommitMs: 150, precommitDeltaMs: 50, commitMs: 800)
         configuration = ConsensusConfiguration(chainID: "emc-sim", timeouts: timeouts)
         let keys = (0..<scenario.validators).map { i -> SigningKey in
-            var mix = SplitMix64(state: UInt64(i) &* 0x1000_0000_01 &+ 7)
+            var mix = SeededRandom(seed: UInt64(i) &* 0x1000_0000_01 &+ 7)
             let seed = (0..<4).flatMap { _ in withUnsafeBytes(of: mix.next().bigEndian, Array.init) }
             return try! SigningKey(seed: seed)
         }

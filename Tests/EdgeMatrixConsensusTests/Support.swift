@@ -91,24 +91,12 @@ extension ConsensusEngine {
 
 // MARK: - Deterministic randomness
 
-/// SplitMix64: seeds the main generator and derives keys.
-struct SplitMix64 {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// xoshiro256**: the simulation's only source of randomness, so a seed replays exactly.
 struct Xoshiro256: RandomNumberGenerator {
     private var s: (UInt64, UInt64, UInt64, UInt64)
 
     init(seed: UInt64) {
-        var mix = SplitMix64(state: seed)
+        var mix = SeededRandom(seed: seed)
         s = (mix.next(), mix.next(), mix.next(), mix.next())
     }
 

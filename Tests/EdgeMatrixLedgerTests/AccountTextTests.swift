@@ -27,7 +27,7 @@ struct AccountTextTests {
 
     @Test("an account with a 32-byte Ed25519 owner round-trips through text, with and without subaccounts")
     func roundTrip() throws {
-        var rng = SplitMix64(seed: 7)
+        var rng = SeededRandom(seed: 7)
         for n in 0..<50 {
             let owner = testKey(UInt8(n)).publicKey
             let subaccount = n % 3 == 0 ? nil : Subaccount(bytes: rng.bytes(32))

@@ -6,7 +6,7 @@ import Testing
 struct DeterminismTests {
     /// A reproducible mixed workload: transfers (some invalid), bonds, unbonds, registrations, slashing.
     static func workload(seed: UInt64, blocks: Int) -> [(txs: [Transaction], misbehaviour: [Misbehaviour], time: UInt64)] {
-        var rng = SplitMix64(seed: seed)
+        var rng = SeededRandom(seed: seed)
         let f = Fixture()
         let users = [f.alice, f.bob, f.carol, testKey(204)]
         var time = Fixture.t0

@@ -6,7 +6,7 @@ import Testing
 struct FuzzTests {
     @Test("random byte strings into the decoder and apply", arguments: [1, 2, 3] as [UInt64])
     func randomBytes(seed: UInt64) {
-        var rng = SplitMix64(seed: seed)
+        var rng = SeededRandom(seed: seed)
         var f = Fixture()
         let root = f.ledger.stateRoot()
         let context = BlockContext(height: 1, timeMillis: f.now)
@@ -35,7 +35,7 @@ struct FuzzTests {
 
     @Test("every random mutation of a valid signed transaction is rejected and changes nothing", arguments: [11, 12] as [UInt64])
     func mutations(seed: UInt64) throws {
-        var rng = SplitMix64(seed: seed)
+        var rng = SeededRandom(seed: seed)
         var f = Fixture()
         let context = BlockContext(height: 1, timeMillis: f.now)
         let node = testKey(90)
