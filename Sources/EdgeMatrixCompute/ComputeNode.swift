@@ -137,12 +137,13 @@ public final class ComputeNode: Service, WorkServer {
         await emit(.head(status: answer.status, contentType: answer.contentType))
         var hasher = StreamingHasher()
         var collected = [UInt8]()
+        let keepAnswer = app.metersAnswerBytes
         do {
             for try await buffer in answer.body {
                 let bytes = Array(buffer: buffer)
                 hasher.update(bytes)
                 // Kept only to read the usage block; bounded so a huge answer cannot exhaust memory.
-                if collected.count < 8 << 20 { collected.append(contentsOf: bytes) }
+                if keepAnswer, collected.count < 8 << 20 { collected.append(contentsOf: bytes) }
                 await emit(.chunk(bytes))
             }
         } catch {

@@ -26,6 +26,8 @@ public protocol LocalApp: Sendable {
     var kind: AppDescriptor.Kind { get }
     func probe() async -> AppProbe
     func send(_ request: WorkRequest) async throws -> LocalAnswer
+    /// Whether `meter` reads the answer's bytes; when it does not, the node does not keep them.
+    var metersAnswerBytes: Bool { get }
     /// Work units of an answer, from its bytes (a usage block for OpenAI apps, one item for REST calls).
     func meter(_ request: WorkRequest, answer: [UInt8], isSSE: Bool) -> WorkUnits
 }
@@ -95,6 +97,8 @@ public struct HTTPLocalApp: LocalApp {
                            contentType: response.headers.first(name: "content-type") ?? "application/octet-stream",
                            body: response.body)
     }
+
+    public var metersAnswerBytes: Bool { kind == .openai }
 
     public func meter(_ request: WorkRequest, answer: [UInt8], isSSE: Bool) -> WorkUnits {
         kind == .openai ? UsageMeter.openAI(answer: answer, isSSE: isSSE) : WorkUnits(items: 1)

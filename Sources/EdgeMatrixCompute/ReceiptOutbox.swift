@@ -19,7 +19,8 @@ public actor ReceiptOutbox {
         order.removeAll { $0 == id }
     }
 
-    public func contains(_ id: Hash32) -> Bool { pending[id] != nil }
+    /// The receipt with this id, if it still awaits acknowledgement.
+    public func pending(_ id: Hash32) -> Receipt? { pending[id] }
 
     /// Unacknowledged receipts, oldest first.
     public func unacknowledged() -> [Receipt] { order.compactMap { pending[$0] } }

@@ -184,7 +184,7 @@ struct TunnelClient: Sendable {
                     try await group.waitForAll()
                 }
                 // The stream ended without an acknowledgement: hand the receipt to the control stream.
-                if let id = receiptID.get(), let receipt = await outbox.unacknowledged().first(where: { $0.id == id }) {
+                if let id = receiptID.get(), let receipt = await outbox.pending(id) {
                     control.yield(.receipt(bodyBytes: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))
                 }
                 return true

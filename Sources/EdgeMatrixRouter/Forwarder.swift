@@ -9,7 +9,6 @@ public struct StartedAnswer: Sendable {
     public var status: UInt16
     public var contentType: String
     public var job: WorkJob
-    public var attempts: Int
 }
 
 /// Sends a request to a compute node, retrying on another node when one fails before its first byte.
@@ -60,7 +59,7 @@ public struct Forwarder: Sendable {
                 if attempt > 1 {
                     logger.info("request failed over", metadata: ["request": "\(job.request.requestID)", "attempts": "\(attempt)"])
                 }
-                return StartedAnswer(status: status, contentType: contentType, job: job, attempts: attempt)
+                return StartedAnswer(status: status, contentType: contentType, job: job)
             case .success(let other):
                 lastFailure = "node \(job.nodeID.short) answered out of order (\(other))"
             case .failure(let failure):

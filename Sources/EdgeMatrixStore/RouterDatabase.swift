@@ -104,9 +104,6 @@ public struct APIKeyStore: Sendable {
         }
     }
 
-    public func count() throws -> Int {
-        try database.pool.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM api_key WHERE NOT revoked") ?? 0 }
-    }
 }
 
 // MARK: - Receipts
@@ -163,16 +160,6 @@ public actor ReceiptStore {
             }
         }
         flushing = false
-    }
-
-    public func count() async throws -> Int {
-        try await database.pool.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM receipt") ?? 0 }
-    }
-
-    public func contains(receiptID: Hash32) async throws -> Bool {
-        try await database.pool.read { db in
-            try Bool.fetchOne(db, sql: "SELECT 1 FROM receipt WHERE receipt_id = ?", arguments: [receiptID.hex]) ?? false
-        }
     }
 
     /// Receipts in append order, from `afterSequence` (exclusive).

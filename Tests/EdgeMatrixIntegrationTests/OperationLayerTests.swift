@@ -3,7 +3,7 @@ import NIOCore
 import EdgeMatrixClient
 import EdgeMatrixCore
 import Foundation
-import GRDB
+import EdgeMatrixStore
 import Testing
 
 /// The operation layer end to end: real `emc` router and compute-node processes in front of real local models.
@@ -73,9 +73,9 @@ struct OperationLayerTests {
         // Every answered request left a signed, countersigned receipt at the router.
         let requestID = try #require(routed.header("x-emc-request-id"))
         try await Harness.eventually(timeout: .seconds(10), "receipt for \(requestID)") {
-            try ReceiptFile(path: network.routerDirectory + "/router.sqlite").requestIDs().contains(requestID)
+            try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").requestIDs().contains(requestID)
         }
-        let stored = try ReceiptFile(path: network.routerDirectory + "/router.sqlite").receipts()
+        let stored = try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").receipts()
         let receipt = try #require(stored.first { $0.body.requestID == requestID })
         #expect(receipt.body.app == "embeddings")
         #expect(receipt.body.units.items == 2)
@@ -250,22 +250,22 @@ struct OperationLayerTests {
         }
         let database = network.routerDirectory + "/router.sqlite"
         try await Harness.eventually(timeout: .seconds(10), "all receipts stored") {
-            Set(try ReceiptFile(path: database).requestIDs()).isSuperset(of: requestIDs)
+            Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: requestIDs)
         }
-        let acknowledged = try ReceiptFile(path: database).requestIDs()
+        let acknowledged = try await ReceiptFile(path: database).requestIDs()
 
         network.router!.kill9()
-        #expect(Set(try ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
+        #expect(Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
         try await network.startRouter()
         try await network.waitForNodes(1)
-        #expect(Set(try ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
+        #expect(Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
 
         let after = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
                                               body: Harness.json(["model": embeddingModel, "input": "after the crash"]))
         #expect(after.status == 200)
         let afterID = try #require(after.header("x-emc-request-id"))
         try await Harness.eventually(timeout: .seconds(10), "receipt after restart") {
-            try ReceiptFile(path: database).requestIDs().contains(afterID)
+            try await ReceiptFile(path: database).requestIDs().contains(afterID)
         }
     }
 
@@ -300,26 +300,14 @@ extension TestNetwork {
     }
 }
 
-/// Reads the router's receipt table straight from its SQLite file, as another process would.
+/// Reads the router's receipts from its SQLite file through the router's own store, from outside the router
+/// process (as an auditor or a restarted router would).
 struct ReceiptFile {
-    let queue: DatabaseQueue
+    let store: ReceiptStore
 
-    init(path: String) throws {
-        var config = Configuration()
-        config.readonly = true
-        queue = try DatabaseQueue(path: path, configuration: config)
-    }
+    init(path: String) throws { store = ReceiptStore(database: try RouterDatabase(path: path)) }
 
-    func requestIDs() throws -> [String] {
-        try queue.read { db in try String.fetchAll(db, sql: "SELECT request_id FROM receipt ORDER BY seq") }
-    }
+    func receipts() async throws -> [Receipt] { try await store.list(limit: 100_000).map(\.receipt) }
 
-    func receipts() throws -> [Receipt] {
-        try queue.read { db in
-            try Row.fetchAll(db, sql: "SELECT body, node_signature, router_signature FROM receipt ORDER BY seq").map { row in
-                try Receipt(bodyBytes: Array(row["body"] as Data), nodeSignature: Array(row["node_signature"] as Data),
-                            routerSignature: Array(row["router_signature"] as Data))
-            }
-        }
-    }
+    func requestIDs() async throws -> [String] { try await receipts().map(\.body.requestID) }
 }
