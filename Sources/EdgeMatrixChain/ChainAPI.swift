@@ -32,6 +32,16 @@ func jsonResponse(_ object: Any, status: HTTPResponse.Status = .ok) -> Response 
     return Response(status: status, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: data)))
 }
 
+/// A query parameter that must be an integer in `range` when present: anything else is a 400 naming the parameter,
+/// never a silent default.
+func queryInteger<T: FixedWidthInteger>(_ request: Request, _ name: String, in range: ClosedRange<T>) throws -> T? {
+    guard let text = request.uri.queryParameters[name[...]] else { return nil }
+    guard let value = T(String(text)), range.contains(value) else {
+        throw ChainAPIError.badRequest("invalid_parameter", "\(name) must be an integer from \(range.lowerBound) to \(range.upperBound)")
+    }
+    return value
+}
+
 /// Converts anything thrown below into the JSON error shape.
 struct ChainErrorMiddleware<Context: RequestContext>: RouterMiddleware {
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
@@ -82,8 +92,8 @@ struct ChainAPI: Sendable {
         }
         router.get("/blocks") { request, _ in
             let latest = view.current.height
-            let limit = min(max(request.uri.queryParameters.get("limit", as: Int.self) ?? 20, 1), 100)
-            let from = request.uri.queryParameters.get("from", as: UInt64.self)
+            let limit = try queryInteger(request, "limit", in: 1...100) ?? 20
+            let from = try queryInteger(request, "from", in: 0...UInt64.max)
                 ?? (latest >= UInt64(limit) ? latest - UInt64(limit) + 1 : 1)
             let blocks = try store.blocks(from: max(from, 1), limit: limit)
             return jsonResponse(["latest_height": latest, "blocks": try blocks.map { try blockJSON($0, full: false) }] as [String: Any])
@@ -102,7 +112,8 @@ struct ChainAPI: Sendable {
             guard let hash = Hash32(hex: text) else {
                 throw ChainAPIError.badRequest("invalid_hash", "transaction hash must be 64 hex digits")
             }
-            if let stored = try store.tx(hash: hash) {
+            // A failed copy of a body whose valid copy is still pending reads as pending.
+            if let stored = try store.tx(hash: hash), stored.ok || !node.mempool.contains(hash) {
                 var object: [String: Any] = ["hash": hash.hex, "status": stored.ok ? "committed" : "failed", "height": stored.height,
                                              "index": stored.index]
                 if let error = stored.error { object["error"] = ["code": stored.errorCode ?? "error", "message": error] }
@@ -117,7 +128,12 @@ struct ChainAPI: Sendable {
             throw ChainAPIError.notFound("transaction \(hash.hex) is neither committed nor pending")
         }
         router.post("/txs") { request, _ in
-            let body = Array(buffer: try await request.body.collect(upTo: Mempool.maxTransactionBytes * 2 + 1024))
+            let limit = Mempool.maxTransactionBytes * 2 + 1024  // hex doubles the size
+            let collected: ByteBuffer
+            do { collected = try await request.body.collect(upTo: limit) } catch {
+                throw ChainAPIError(.contentTooLarge, "too_large", "the body exceeds \(limit) bytes; a transaction is at most \(Mempool.maxTransactionBytes) bytes")
+            }
+            let body = Array(buffer: collected)
             let bytes = decodeTxBody(body)
             do throws(MempoolRejection) {
                 let id = try node.submit(bytes)

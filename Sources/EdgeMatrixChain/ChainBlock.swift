@@ -7,6 +7,7 @@ import EdgeMatrixLedger
 public struct ChainBlock: Hashable, Sendable, CanonicalCodable {
     public static let version: UInt8 = 1
     public static let maxTransactions = 20_000
+    public static let maxEvidence = 100
 
     public var height: UInt64
     public var timeMillis: UInt64
@@ -46,7 +47,9 @@ public struct ChainBlock: Hashable, Sendable, CanonicalCodable {
         for _ in 0..<count { txs.append(try reader.readBytes()) }
         transactions = txs
         let evidenceCount = try reader.readUInt32()
-        guard evidenceCount <= 100 else { throw .invalidValue("block has \(evidenceCount) pieces of evidence; the limit is 100") }
+        guard evidenceCount <= Self.maxEvidence else {
+            throw .invalidValue("block has \(evidenceCount) pieces of evidence; the limit is \(Self.maxEvidence)")
+        }
         var evidence = [DuplicateVoteEvidence]()
         for _ in 0..<evidenceCount { evidence.append(try DuplicateVoteEvidence(canonicalBytes: try reader.readBytes())) }
         self.evidence = evidence
@@ -58,7 +61,6 @@ public struct ChainBlock: Hashable, Sendable, CanonicalCodable {
 /// Errors of the validator node, with what to do about them.
 public enum ChainError: Error, CustomStringConvertible, Sendable {
     case genesis(String)
-    case notAValidator(NodeID)
     case storage(String)
     case wal(String)
     case corruptBlock(height: UInt64, reason: String)
@@ -67,7 +69,6 @@ public enum ChainError: Error, CustomStringConvertible, Sendable {
     public var description: String {
         switch self {
         case .genesis(let why): "genesis: \(why)"
-        case .notAValidator(let id): "node key \(id) is not a validator in the genesis file; use the key written by `emc genesis new`"
         case .storage(let why): "block store: \(why)"
         case .wal(let why): "consensus WAL: \(why); the node stops so that it can never sign two conflicting votes"
         case .corruptBlock(let height, let reason): "stored block \(height) is unreadable: \(reason)"

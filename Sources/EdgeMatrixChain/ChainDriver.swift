@@ -38,15 +38,23 @@ actor ChainDriver {
     private var seen: Set<Hash32> = []
     private var startHeight: Height
     private var pendingUpdates: [StakedValidator]
+    let rules: BlockRules
+    /// The set that voted at height 1, for evidence from then.
+    let genesisValidators: ValidatorSet
+    /// Equivocation evidence waiting for a block; bounded, since a Byzantine peer could otherwise grow it.
+    static let maxPendingEvidence = 1_000
 
     private let blocksCommitted = Counter(label: "emc_chain_blocks_committed_total")
     private let txsCommitted = Counter(label: "emc_chain_txs_committed_total")
     private let heightGauge = Gauge(label: "emc_chain_height")
+    private let proposalsRefused = Counter(label: "emc_chain_proposals_refused_total")
 
     init(chainID: String, key: SigningKey, store: BlockStore, wal: FileWAL, mempool: Mempool, view: ChainView,
          peers: PeerNetwork, inputs: AsyncStream<ChainInput>.Continuation, ledger: LedgerState, lastHash: Hash32,
-         validators: ValidatorSet, timeouts: TimeoutConfiguration, pendingUpdates: [StakedValidator],
+         validators: ValidatorSet, genesisValidators: ValidatorSet, timeouts: TimeoutConfiguration, pendingUpdates: [StakedValidator],
          maxTxsPerBlock: Int, logger: Logger) throws {
+        rules = BlockRules(chainID: chainID)
+        self.genesisValidators = genesisValidators
         self.chainID = chainID
         self.key = key
         self.store = store
@@ -119,7 +127,7 @@ actor ChainDriver {
                     queue += try commit(block)
                 case .evidence(let evidence):
                     logger.warning("equivocation detected", metadata: ["evidence": "\(evidence)"])
-                    pendingEvidence[evidence.id] = evidence
+                    if pendingEvidence.count < Self.maxPendingEvidence { pendingEvidence[evidence.id] = evidence }
                 case .rejected(let error):
                     logger.debug("consensus input refused", metadata: ["error": "\(error)"])
                 }
@@ -129,65 +137,66 @@ actor ChainDriver {
 
     // MARK: Blocks
 
-    private func misbehaviour(_ evidence: [DuplicateVoteEvidence], ledger: LedgerState) -> [Misbehaviour] {
-        var keys = [NodeID: PublicKey]()
-        for node in ledger.allNodes { keys[node.nodeID] = node.nodeKey }
-        return evidence.compactMap { e in keys[e.validator].map { Misbehaviour(validator: $0, evidenceID: e.id) } }
+    /// The chain's past as the block rules read it: validator sets and times of committed heights from the store.
+    private var history: ChainHistory {
+        let store = store
+        let genesisValidators = genesisValidators
+        let current = (height: engine.height, validators: engine.validators)
+        return ChainHistory(
+            validatorsAt: { height in
+                if height == current.height { return current.validators }
+                if height == 1 { return genesisValidators }
+                guard height < current.height, let parent = try? store.block(at: height - 1) else { return nil }
+                return try? ValidatorSet(canonicalBytes: parent.nextValidators)
+            },
+            timeAt: { height in (try? store.block(at: height))?.timeMillis })
+    }
+
+    /// Drops evidence that can never go into a block (expired, used, invalid at its own height) from the pool.
+    private func admissibleEvidence(height: Height, time: UInt64) -> [DuplicateVoteEvidence] {
+        let (admissible, dropped) = rules.admissibleEvidence(Array(pendingEvidence.values), height: height, time: time,
+                                                             ledger: ledger, history: history)
+        for (id, why) in dropped {
+            pendingEvidence[id] = nil
+            logger.info("evidence dropped from the pool", metadata: ["evidence": "\(id.hex.prefix(12))", "reason": "\(why)"])
+        }
+        return admissible
     }
 
     private func buildBlock(height: Height) -> [UInt8] {
         let time = max(wallClockMillis(), ledger.lastBlockTimeMillis + 1)
         let candidates = mempool.take(max: maxTxsPerBlock)
-        let evidence = pendingEvidence.values.sorted { $0.id < $1.id }
+        let evidence = admissibleEvidence(height: height, time: time)
         var raw = candidates.map(\.bytes)
-        let context = BlockContext(height: height, timeMillis: time)
-        var scratch = ledger
-        var result: BlockResult? = try? scratch.applyBlock(rawTxs: raw, misbehaviour: misbehaviour(evidence, ledger: ledger), context: context)
-        if let first = result {
+        var block = ChainBlock(height: height, timeMillis: time, proposer: key.nodeID, transactions: raw, evidence: evidence)
+        var executed = try? rules.execute(block, on: ledger).get()
+        if let first = executed {
             // Leave out what fails now (it would fail in the block too) and drop it from the mempool.
             var failed = [Hash32]()
             var keep = [[UInt8]]()
-            for (i, outcome) in first.txResults.enumerated() {
+            for (i, outcome) in first.result.txResults.enumerated() {
                 if case .success = outcome { keep.append(raw[i]) } else { failed.append(candidates[i].id) }
             }
             if !failed.isEmpty {
                 mempool.remove(failed)
                 raw = keep
-                scratch = ledger
-                result = try? scratch.applyBlock(rawTxs: raw, misbehaviour: misbehaviour(evidence, ledger: ledger), context: context)
+                block.transactions = raw
+                executed = try? rules.execute(block, on: ledger).get()
             }
         }
-        let block = ChainBlock(height: height, timeMillis: time, proposer: key.nodeID, transactions: raw, evidence: evidence)
         let bytes = block.canonicalBytes
-        if let result { executed[Hash32.of(bytes)] = (scratch, result) }
+        if let executed { self.executed[Hash32.of(bytes)] = executed }
         return bytes
     }
 
     private func validate(height: Height, id: Hash32, bytes: [UInt8]) -> Bool {
-        let block: ChainBlock
-        do { block = try ChainBlock(canonicalBytes: bytes) } catch {
-            logger.warning("proposal does not decode", metadata: ["height": "\(height)", "error": "\(error)"])
-            return false
-        }
-        let now = wallClockMillis()
-        guard block.height == height, height == ledger.height + 1 else { return false }
-        guard block.timeMillis > ledger.lastBlockTimeMillis, block.timeMillis <= now + 10_000 else {
-            logger.warning("proposal time out of range", metadata: ["height": "\(height)", "time": "\(block.timeMillis)",
-                                                                   "parent": "\(ledger.lastBlockTimeMillis)", "now": "\(now)"])
-            return false
-        }
-        guard engine.validators.index(of: block.proposer) != nil else { return false }
-        for evidence in block.evidence {
-            do { try evidence.verify(chainID: chainID, validators: engine.validators) } catch { return false }
-        }
-        var scratch = ledger
-        do {
-            let result = try scratch.applyBlock(rawTxs: block.transactions, misbehaviour: misbehaviour(block.evidence, ledger: ledger),
-                                                context: BlockContext(height: height, timeMillis: block.timeMillis))
-            executed[id] = (scratch, result)
+        switch rules.validate(bytes, height: height, ledger: ledger, validators: engine.validators, now: wallClockMillis(), history: history) {
+        case .success(let outcome):
+            executed[id] = (outcome.ledger, outcome.result)
             return true
-        } catch {
-            logger.warning("proposal cannot be executed", metadata: ["height": "\(height)", "error": "\(error)"])
+        case .failure(let violation):
+            proposalsRefused.increment()
+            logger.warning("proposal refused", metadata: ["height": "\(height)", "reason": "\(violation)"])
             return false
         }
     }
@@ -204,25 +213,25 @@ actor ChainDriver {
         if let cached = executed[hash], cached.ledger.height == height {
             (newLedger, result) = cached
         } else {
-            var scratch = ledger
-            do {
-                result = try scratch.applyBlock(rawTxs: block.transactions, misbehaviour: misbehaviour(block.evidence, ledger: ledger),
-                                                context: BlockContext(height: height, timeMillis: block.timeMillis))
-            } catch {
-                throw ChainError.corruptBlock(height: height, reason: "committed block cannot be executed: \(error)")
+            switch rules.execute(block, on: ledger) {
+            case .success(let outcome): (newLedger, result) = outcome
+            case .failure(let violation):
+                throw ChainError.corruptBlock(height: height, reason: "committed block cannot be executed: \(violation)")
             }
-            newLedger = scratch
         }
         var stored = [StoredTx]()
-        var ids = [Hash32]()
+        var applied = [Hash32]()
+        var failed = [(id: Hash32, bytes: [UInt8])]()
         stored.reserveCapacity(block.transactions.count)
         for (i, raw) in block.transactions.enumerated() {
-            guard let tx = try? Transaction(decoding: raw) else { continue }
+            guard let tx = try? Transaction(decoding: raw), i < result.txResults.count else { continue }
             let id = tx.id
-            ids.append(id)
             switch result.txResults[i] {
-            case .success: stored.append(StoredTx(hash: id, height: height, index: UInt32(i), ok: true))
+            case .success:
+                applied.append(id)
+                stored.append(StoredTx(hash: id, height: height, index: UInt32(i), ok: true))
             case .failure(let error):
+                failed.append((id, raw))
                 stored.append(StoredTx(hash: id, height: height, index: UInt32(i), ok: false, error: error.description, errorCode: errorCode(error)))
             }
         }
@@ -237,7 +246,7 @@ actor ChainDriver {
         ledger = newLedger
         lastHash = hash
         do { try wal.prune(below: height + 1) } catch { throw ChainError.wal(error.description) }
-        mempool.remove(ids)
+        mempool.removeCommitted(applied: applied, failed: failed)
         for e in block.evidence { pendingEvidence[e.id] = nil }
         executed.removeAll()
         seen.removeAll()

@@ -44,7 +44,9 @@ public final class Mempool: Sendable {
         }
         let id = tx.id
         if contains(id) { throw MempoolRejection(code: "already_pending", message: "transaction \(id.hex) is already in the mempool") }
-        if let stored = try? store?.tx(hash: id) {
+        // Only an applied transaction blocks its id: a failed copy of the same body (a proposer can include one with a
+        // broken signature, since the id leaves the signature out) must never stop the valid one.
+        if let stored = try? store?.tx(hash: id), stored.ok {
             throw MempoolRejection(code: "duplicate", message: "transaction \(id.hex) was already committed in block \(stored.height)")
         }
         // The ledger's dry run checks the chain id, the signature, time, deduplication and funds.
@@ -77,6 +79,20 @@ public final class Mempool: Sendable {
     public func remove<S: Sequence>(_ ids: S) where S.Element == Hash32 {
         state.withLock { s in
             for id in ids { if let seq = s.seqByID.removeValue(forKey: id) { s.bySeq[seq] = nil } }
+        }
+        gauge.record(count)
+    }
+
+    /// Drops what a committed block settled: every id that was applied, and a failed id only when the pending copy is
+    /// the very bytes that failed. A different copy (another signature over the same body) stays and can still apply.
+    public func removeCommitted(applied: [Hash32], failed: [(id: Hash32, bytes: [UInt8])]) {
+        state.withLock { s in
+            for id in applied { if let seq = s.seqByID.removeValue(forKey: id) { s.bySeq[seq] = nil } }
+            for (id, bytes) in failed {
+                guard let seq = s.seqByID[id], s.bySeq[seq]?.bytes == bytes else { continue }
+                s.seqByID[id] = nil
+                s.bySeq[seq] = nil
+            }
         }
         gauge.record(count)
     }

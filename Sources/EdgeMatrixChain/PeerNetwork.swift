@@ -5,6 +5,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import Metrics
 import Synchronization
 
 /// A validator this node dials: its pinned key and address from the genesis file.
@@ -43,17 +44,46 @@ public enum PeerError: Error, CustomStringConvertible {
 final class PeerNetwork: Sendable {
     let key: SigningKey
     let chainID: String
-    let peers: [PeerAddress]
     let logger: Logger
+    /// Every peer this node dials, by node id: the genesis file's and `--peers` at start, then validators the ledger
+    /// registers (so a validator that joins by staking is dialled too). Bounded like the validator set.
+    private let known = Mutex<[NodeID: PeerAddress]>([:])
+    private let added: AsyncStream<PeerAddress>.Continuation
+    private let additions: AsyncStream<PeerAddress>
+    static let maxPeers = 1_000
     private let outboxes = Mutex<[NodeID: AsyncStream<PeerFrame>.Continuation]>([:])
     private let clients = Mutex<[NodeID: GRPCClient<HTTP2ClientTransport.Posix>]>([:])
     private let heights = Mutex<[NodeID: UInt64]>([:])
+    /// Peers that claimed a height and did not deliver it: skipped by block sync until the time given, for a
+    /// period that doubles with each failure (a Byzantine peer claiming 2^40 cannot hold a lagging node back).
+    private let penalties = Mutex<[NodeID: (failures: Int, until: ContinuousClock.Instant)]>([:])
 
-    init(key: SigningKey, chainID: String, peers: [PeerAddress], logger: Logger) {
+    private let syncPenalties = Counter(label: "emc_chain_sync_peer_penalties_total")
+
+    /// This node's certificate, bound to its key; every link is mutual TLS pinned to the peer's key.
+    let tls: NodeTLS
+
+    init(key: SigningKey, tls: NodeTLS, chainID: String, peers: [PeerAddress], logger: Logger) {
         self.key = key
+        self.tls = tls
         self.chainID = chainID
-        self.peers = peers
         self.logger = logger
+        (additions, added) = AsyncStream<PeerAddress>.makeStream()
+        add(peers)
+    }
+
+    var peers: [PeerAddress] { known.withLock { Array($0.values) } }
+
+    /// Starts dialling peers not known yet (ourselves and repeats are ignored; an address change is not followed).
+    func add(_ addresses: [PeerAddress]) {
+        for address in addresses where address.key != key.publicKey {
+            let isNew = known.withLock { map in
+                guard map[address.key.nodeID] == nil, map.count < Self.maxPeers else { return false }
+                map[address.key.nodeID] = address
+                return true
+            }
+            if isNew { added.yield(address) }
+        }
     }
 
     var connectedCount: Int { outboxes.withLock { $0.count } }
@@ -66,17 +96,49 @@ final class PeerNetwork: Sendable {
         heights.withLock { $0[peer] = max($0[peer] ?? 0, height) }
     }
 
+    /// The committed height a peer last reported, if it has reported one.
+    func reportedHeight(of peer: NodeID) -> UInt64? { heights.withLock { $0[peer] } }
+
     /// The peer with the highest reported committed height, if any is above `height`.
     func peerAhead(of height: UInt64) -> (NodeID, UInt64)? {
         heights.withLock { map in map.filter { $0.value > height }.max { $0.value < $1.value }.map { ($0.key, $0.value) } }
     }
 
+    /// Peers to sync from, above `height` and not serving a penalty: fewest failures first, then in random order, so
+    /// that sync rotates among peers instead of trusting the one that claims the most.
+    func syncCandidates(above height: UInt64, now: ContinuousClock.Instant = .now) -> [(peer: NodeID, height: UInt64)] {
+        let claimed = heights.withLock { map in map.filter { $0.value > height } }
+        let penalties = penalties.withLock { $0 }
+        return claimed.filter { (penalties[$0.key]?.until ?? now) <= now }
+            .map { (peer: $0.key, height: $0.value, failures: penalties[$0.key]?.failures ?? 0, tieBreak: UInt64.random(in: 0...UInt64.max)) }
+            .sorted { ($0.failures, $0.tieBreak) < ($1.failures, $1.tieBreak) }
+            .map { (peer: $0.peer, height: $0.height) }
+    }
+
+    /// A peer claimed blocks it did not deliver (or delivered blocks that do not verify): forget its claim and skip
+    /// it for 1 s × 2^failures, at most 5 minutes.
+    func penalize(_ peer: NodeID, now: ContinuousClock.Instant = .now) {
+        forgetHeight(of: peer)
+        penalties.withLock { map in
+            let failures = min((map[peer]?.failures ?? 0) + 1, 16)
+            map[peer] = (failures, now + .seconds(min(1 << (failures - 1), 300)))
+        }
+        syncPenalties.increment()
+        logger.warning("block sync: peer penalised", metadata: ["peer": "\(peer.short)"])
+    }
+
+    /// A peer delivered: its record is cleared.
+    func credit(_ peer: NodeID) { _ = penalties.withLock { $0.removeValue(forKey: peer) } }
+
     func forgetHeight(of peer: NodeID) { heights.withLock { $0[peer] = nil } }
 
-    /// Runs every peer's client until cancelled.
+    /// Runs every peer's client, including peers added later, until cancelled. The additions stream holds every
+    /// peer ever added (those from init first), so one loop starts them all.
     func run() async {
         await withDiscardingTaskGroup { group in
-            for peer in peers { group.addTask { await self.runPeer(peer) } }
+            for await peer in additions {  // ends when the task is cancelled
+                group.addTask { await self.runPeer(peer) }
+            }
         }
     }
 
@@ -84,8 +146,8 @@ final class PeerNetwork: Sendable {
         let transport: HTTP2ClientTransport.Posix
         do {
             transport = try HTTP2ClientTransport.Posix(
-                target: .dns(host: peer.host, port: peer.port),
-                transportSecurity: .plaintext,
+                target: peerTarget(host: peer.host, port: peer.port),
+                transportSecurity: tls.clientSecurity(pinned: peer.key),
                 config: .defaults { $0.backoff = .init(initial: .milliseconds(100), max: .seconds(1), multiplier: 2, jitter: 0.2) }
             )
         } catch {

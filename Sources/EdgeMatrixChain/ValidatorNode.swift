@@ -20,10 +20,14 @@ public struct ValidatorConfiguration: Sendable {
     public var timeouts: TimeoutConfiguration
     public var maxTxsPerBlock: Int
     public var gossipIntervalMs: Int
+    /// Peers to dial besides the genesis validators (`--peers KEY@HOST:PORT,...`): how a validator that joins
+    /// later by staking finds the network. Validators registered on chain are dialled as they appear.
+    public var peers: [PeerAddress]
 
     public init(genesis: Genesis, dataDirectory: String, httpHost: String = "127.0.0.1", httpPort: Int, p2pHost: String = "127.0.0.1",
                 p2pPort: Int, timeouts: TimeoutConfiguration = ValidatorConfiguration.defaultTimeouts, maxTxsPerBlock: Int = 10_000,
-                gossipIntervalMs: Int = 300) {
+                gossipIntervalMs: Int = 300, peers: [PeerAddress] = []) {
+        self.peers = peers
         self.genesis = genesis
         self.dataDirectory = dataDirectory
         self.httpHost = httpHost
@@ -74,7 +78,6 @@ public struct ValidatorNode: Service {
         logger[metadataKey: "validator"] = "\(key.nodeID.short)"
         self.logger = logger
         let genesis = configuration.genesis
-        guard genesis.validators.contains(where: { $0.nodeKey == key.publicKey }) else { throw ChainError.notAValidator(key.nodeID) }
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
         store = try BlockStore(path: configuration.dataDirectory + "/chain.sqlite")
 
@@ -84,6 +87,8 @@ public struct ValidatorNode: Service {
         do {
             validators = try ValidatorSet(ledger.validators.map { (publicKey: $0.nodeKey, votingPower: $0.power) })
         } catch { throw ChainError.genesis("validator set: \(error)") }
+        let genesisValidators = validators
+        let rules = BlockRules(chainID: genesis.chainID)
         var lastHash = Hash32.zero
         var lastTime = genesis.genesisTimeMillis
         var lastUpdates = [StakedValidator]()
@@ -98,14 +103,11 @@ public struct ValidatorNode: Service {
                 do { block = try ChainBlock(canonicalBytes: stored.value) } catch {
                     throw ChainError.corruptBlock(height: stored.height, reason: "\(error)")
                 }
-                var keys = [NodeID: PublicKey]()
-                for node in ledger.allNodes { keys[node.nodeID] = node.nodeKey }
-                let misbehaviour = block.evidence.compactMap { e in keys[e.validator].map { Misbehaviour(validator: $0, evidenceID: e.id) } }
                 let result: BlockResult
-                do {
-                    result = try ledger.applyBlock(rawTxs: block.transactions, misbehaviour: misbehaviour,
-                                                   context: BlockContext(height: stored.height, timeMillis: block.timeMillis))
-                } catch { throw ChainError.corruptBlock(height: stored.height, reason: "\(error)") }
+                switch rules.execute(block, on: ledger) {
+                case .success(let outcome): (ledger, result) = outcome
+                case .failure(let violation): throw ChainError.corruptBlock(height: stored.height, reason: "\(violation)")
+                }
                 guard result.stateRoot == stored.stateRoot else {
                     throw ChainError.replayMismatch(height: stored.height, stored: stored.stateRoot, computed: result.stateRoot)
                 }
@@ -127,15 +129,44 @@ public struct ValidatorNode: Service {
         mempool = Mempool()
         let wal: FileWAL
         do { wal = try FileWAL(path: configuration.dataDirectory + "/consensus.wal") } catch { throw ChainError.wal(error.description) }
-        let peerList = genesis.validators.filter { $0.nodeKey != key.publicKey }.compactMap { v in
-            v.endpoints.first.flatMap { PeerAddress(key: v.nodeKey, endpoint: $0) }
+        let genesisPeers = genesis.validators.compactMap { v in v.endpoints.first.flatMap { PeerAddress(key: v.nodeKey, endpoint: $0) } }
+        let tls: NodeTLS
+        do { tls = try NodeTLS.loadOrCreate(in: configuration.dataDirectory, name: "p2p", key: key) } catch {
+            throw ChainError.storage("p2p TLS: \(error)")
         }
-        peers = PeerNetwork(key: key, chainID: genesis.chainID, peers: peerList, logger: logger)
+        peers = PeerNetwork(key: key, tls: tls, chainID: genesis.chainID, peers: genesisPeers + configuration.peers, logger: logger)
+        peers.add(Self.registeredValidatorPeers(ledger))
+        if !ledger.validators.contains(where: { $0.nodeKey == key.publicKey }) {
+            logger.notice("this node key is not in the current validator set: it follows the chain and votes once elected",
+                          metadata: ["node": "\(key.nodeID)"])
+        }
         (inputs, inputSink) = AsyncStream<ChainInput>.makeStream()
         driver = try ChainDriver(chainID: genesis.chainID, key: key, store: store, wal: wal, mempool: mempool, view: view,
                                  peers: peers, inputs: inputSink, ledger: ledger, lastHash: lastHash, validators: validators,
-                                 timeouts: configuration.timeouts, pendingUpdates: lastUpdates,
+                                 genesisValidators: genesisValidators, timeouts: configuration.timeouts, pendingUpdates: lastUpdates,
                                  maxTxsPerBlock: configuration.maxTxsPerBlock, logger: logger)
+    }
+
+    /// Whether the chain as it is now admits a peer key: a member of the next height's set, or a validator-role node
+    /// registered with a stake (it must sync before it can vote once elected). Not the genesis file forever.
+    static func admits(_ key: PublicKey, _ s: ChainSnapshot) -> Bool {
+        if s.validators.index(of: key.nodeID) != nil { return true }
+        guard let node = s.ledger.node(key) else { return false }
+        return node.role == .validator && node.status == .active
+    }
+
+    /// A peer's GetBlocks: at most 200 blocks and half a message's bytes, whatever the request asks.
+    func blockRange(_ request: BlockRangeRequest) throws -> BlockRangeResponse {
+        let blocks = try store.blocks(from: request.from, limit: Int(min(max(request.limit, 1), 200)),
+                                      maxBytes: PeerService.maxMessageBytes / 2)
+        return BlockRangeResponse(latestHeight: view.current.height, blocks: blocks.map { .init(value: $0.value, certificate: $0.certificate) })
+    }
+
+    /// Validator-role nodes the ledger has registered, at their first endpoint that reads as HOST:PORT.
+    static func registeredValidatorPeers(_ ledger: LedgerState) -> [PeerAddress] {
+        ledger.allNodes.filter { $0.role == .validator && $0.status == .active }.compactMap { node in
+            node.endpoints.lazy.compactMap { PeerAddress(key: node.nodeKey, endpoint: $0) }.first
+        }
     }
 
     /// Admits a transaction (from the API or a peer); on success it is gossiped when `gossip` is set.
@@ -149,14 +180,12 @@ public struct ValidatorNode: Service {
     public func run() async throws {
         let genesis = configuration.genesis
         let view = view
-        let store = store
         let peers = peers
         let inputSink = inputSink
         let logger = logger
-        let genesisKeys = Set(genesis.validators.map(\.nodeKey))
         let endpoint = PeerEndpoint(
             key: key, chainID: genesis.chainID,
-            isAllowed: { key in genesisKeys.contains(key) || view.current.validators.index(of: key.nodeID) != nil },
+            isAllowed: { key in Self.admits(key, view.current) },
             onFrame: { [self] peer, frame in
                 switch frame {
                 case .consensus(let bytes):
@@ -168,17 +197,13 @@ public struct ValidatorNode: Service {
                 default: break
                 }
             },
-            blocks: { request in
-                let limit = Int(min(max(request.limit, 1), 200))
-                let blocks = try store.blocks(from: request.from, limit: limit, maxBytes: PeerService.maxMessageBytes / 2)
-                return BlockRangeResponse(latestHeight: view.current.height,
-                                          blocks: blocks.map { .init(value: $0.value, certificate: $0.certificate) })
-            },
+            blocks: { [self] request in try blockRange(request) },
             statusFrame: { .status(height: view.current.height) },
             logger: logger)
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.p2pHost, port: configuration.p2pPort),
-            transportSecurity: .plaintext,
+            // Checked in the TLS handshake itself: nothing, GetBlocks included, is served to a key the chain does not admit.
+            transportSecurity: peers.tls.serverSecurity(admit: { key in Self.admits(key, view.current) }),
             config: .defaults { $0.rpc.maxRequestPayloadSize = PeerService.maxMessageBytes }
         )
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
@@ -209,6 +234,10 @@ public struct ValidatorNode: Service {
                 }
             }
             group.addTask { await syncLoop() }
+            // Dial validators as the ledger registers them.
+            group.addTask {
+                for await _ in view.subscribe() { peers.add(Self.registeredValidatorPeers(view.current.ledger)) }
+            }
             let app = Application(
                 router: api.makeRouter(),
                 configuration: .init(address: .hostname(configuration.httpHost, port: configuration.httpPort),
@@ -234,35 +263,70 @@ public struct ValidatorNode: Service {
         }
     }
 
-    /// Block sync: when a peer reports a higher committed height, fetch blocks with certificates and feed them in order.
+    /// Block sync: when peers report a higher committed height, fetch blocks with certificates from one of them (in
+    /// rotation) and feed them in order. The first block's certificate is checked here against the set of that height
+    /// (the engine checks every block again); a peer whose claim is not met is penalised and the next one is tried.
     private func syncLoop() async {
         while !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(250))
             let ours = view.current.height
-            guard let (peer, theirs) = peers.peerAhead(of: ours) else { continue }
+            let candidates = peers.syncCandidates(above: ours)
+            guard let best = candidates.map(\.height).max() else { continue }
             // One block behind is normal while a commit propagates; wait for the gossip a moment before fetching.
-            if theirs == ours + 1 {
+            if best == ours + 1 {
                 try? await Task.sleep(for: .milliseconds(400))
-                if view.current.height >= theirs { continue }
+                if view.current.height >= best { continue }
             }
-            do {
-                guard let response = try await peers.fetchBlocks(from: peer, start: ours + 1, limit: 100) else { continue }
-                var fed: UInt64 = ours
-                for entry in response.blocks {
-                    let certificate = try CommitCertificate(canonicalBytes: entry.certificate)
-                    inputSink.yield(.synced(value: entry.value, certificate: certificate))
-                    fed = certificate.height
-                }
-                if fed > ours {
-                    logger.info("block sync", metadata: ["from": "\(ours + 1)", "to": "\(fed)", "peer": "\(peer.short)"])
-                    let deadline = ContinuousClock.now + .seconds(5)
-                    while view.current.height < fed, ContinuousClock.now < deadline {
-                        try? await Task.sleep(for: .milliseconds(20))
-                    }
-                }
-            } catch {
-                logger.debug("block sync failed", metadata: ["peer": "\(peer.short)", "error": "\(error)"])
+            for candidate in candidates {
+                if await sync(from: candidate.peer, ours: ours) { break }
+                if Task.isCancelled { return }
             }
         }
+    }
+
+    /// One sync attempt; true when it moved our height.
+    private func sync(from peer: NodeID, ours: UInt64) async -> Bool {
+        let response: BlockRangeResponse
+        do {
+            // No link to a peer that claims a height is as good as not delivering: rotate away from it.
+            guard let fetched = try await peers.fetchBlocks(from: peer, start: ours + 1, limit: 100) else {
+                peers.penalize(peer)
+                return false
+            }
+            response = fetched
+        } catch {
+            logger.debug("block sync failed", metadata: ["peer": "\(peer.short)", "error": "\(error)"])
+            peers.penalize(peer)
+            return false
+        }
+        var expected = ours + 1
+        var fed: UInt64 = ours
+        for entry in response.blocks {
+            guard let certificate = try? CommitCertificate(canonicalBytes: entry.certificate), certificate.height == expected,
+                  certificate.value == Hash32.of(entry.value) else { break }
+            if expected == ours + 1 {
+                // The view's validators are those of height ours + 1.
+                do { try certificate.verify(chainID: configuration.genesis.chainID, validators: view.current.validators) } catch {
+                    logger.warning("block sync: certificate does not verify", metadata: ["peer": "\(peer.short)", "error": "\(error)"])
+                    break
+                }
+            }
+            inputSink.yield(.synced(value: entry.value, certificate: certificate))
+            fed = certificate.height
+            expected += 1
+        }
+        guard fed > ours else {
+            peers.penalize(peer)
+            return false
+        }
+        logger.info("block sync", metadata: ["from": "\(ours + 1)", "to": "\(fed)", "peer": "\(peer.short)"])
+        let deadline = ContinuousClock.now + .seconds(5)
+        while view.current.height < fed, ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        // Blocks that the engine refused (a bad certificate further on) leave us short: the peer is not trusted again soon.
+        if view.current.height <= ours { peers.penalize(peer); return false }
+        peers.credit(peer)
+        return true
     }
 }

@@ -143,8 +143,14 @@ public final class FileWAL: ConsensusWAL, @unchecked Sendable {
         guard fd >= 0 else { throw .walIO("cannot open \(path): \(String(cString: strerror(errno)))") }
         do throws(ConsensusError) {
             let bytes = try Self.readAll(fd: fd, path: path)
-            let (_, goodLength) = try Self.parse(bytes)
-            if goodLength < bytes.count {
+            var (_, goodLength) = try Self.parse(bytes)
+            if goodLength < Self.magic.count {
+                // New (or with its magic cut short): start it with the magic.
+                guard ftruncate(fd, 0) == 0, lseek(fd, 0, SEEK_SET) == 0 else { throw ConsensusError.walIO("cannot reset \(path)") }
+                try Self.writeAll(fd: fd, Self.magic, path: path)
+                guard fsync(fd) == 0 else { throw ConsensusError.walIO("fsync \(path) failed") }
+                goodLength = Self.magic.count
+            } else if goodLength < bytes.count {
                 guard ftruncate(fd, off_t(goodLength)) == 0, fsync(fd) == 0 else {
                     throw ConsensusError.walIO("cannot cut torn tail of \(path): \(String(cString: strerror(errno)))")
                 }
@@ -187,7 +193,7 @@ public final class FileWAL: ConsensusWAL, @unchecked Sendable {
             let tmp = path + ".tmp"
             let newFD = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
             guard newFD >= 0 else { throw .walIO("cannot create \(tmp): \(String(cString: strerror(errno)))") }
-            var buffer = [UInt8]()
+            var buffer = Self.magic
             for record in kept { buffer += Self.frame(record.canonicalBytes) }
             do throws(ConsensusError) {
                 try Self.writeAll(fd: newFD, buffer, path: tmp)
@@ -207,29 +213,57 @@ public final class FileWAL: ConsensusWAL, @unchecked Sendable {
     }
 
     // MARK: Framing
+    //
+    // File: the magic "EMCWAL2\n", then frames. Frame: payload length (u32 BE), CRC-32 of those 4 length bytes,
+    // CRC-32 of the payload, payload. The header's own checksum tells a torn tail (the file ends inside the last
+    // frame, whose header is intact or itself cut short) from corruption (a damaged header or payload with data
+    // after it). A torn tail is cut; corruption stops the node, since skipping a record could forget a signed vote.
+
+    public static let magic: [UInt8] = Array("EMCWAL2\n".utf8)
+    public static let headerLength = 12
 
     static func frame(_ payload: [UInt8]) -> [UInt8] {
-        var writer = ByteWriter(capacity: payload.count + 8)
-        writer.write(UInt32(payload.count))
+        var writer = ByteWriter(capacity: payload.count + headerLength)
+        writer.write(UInt32(truncatingIfNeeded: payload.count))
+        let lengthBytes = writer.bytes
+        writer.write(CRC32.checksum(lengthBytes))
         writer.write(CRC32.checksum(payload))
         writer.writeRaw(payload)
         return writer.bytes
     }
 
-    /// Decodes frames; returns the records and the length of the good prefix (shorter than the input when the
-    /// last frame is torn).
+    private static func readUInt32(_ bytes: [UInt8], at offset: Int) -> UInt32 {
+        UInt32(bytes[offset]) << 24 | UInt32(bytes[offset + 1]) << 16 | UInt32(bytes[offset + 2]) << 8 | UInt32(bytes[offset + 3])
+    }
+
+    /// The records, and how many leading bytes are good (the rest is a torn tail to cut). An empty file is a new WAL.
     static func parse(_ bytes: [UInt8]) throws(ConsensusError) -> (records: [WALRecord], goodLength: Int) {
+        guard !bytes.isEmpty else { return ([], 0) }
+        guard bytes.count >= magic.count || !magic.starts(with: bytes) else { return ([], 0) }  // magic itself torn
+        guard bytes.starts(with: magic) else {
+            throw .walCorrupted(offset: 0, reason: "not a version-2 consensus WAL (no \"EMCWAL2\" header): it is from an older "
+                                + "build or damaged. Keep it for inspection; start afresh only if this validator has not "
+                                + "signed anything at the current height")
+        }
         var records = [WALRecord]()
-        var offset = 0
+        var offset = magic.count
         while offset < bytes.count {
             let remaining = bytes.count - offset
-            guard remaining >= 8 else { break }  // torn header
-            let length = Int(bytes[offset]) << 24 | Int(bytes[offset + 1]) << 16 | Int(bytes[offset + 2]) << 8 | Int(bytes[offset + 3])
-            let crc = UInt32(bytes[offset + 4]) << 24 | UInt32(bytes[offset + 5]) << 16 | UInt32(bytes[offset + 6]) << 8 | UInt32(bytes[offset + 7])
-            guard length <= maxRecordLength, length <= remaining - 8 else { break }  // torn payload
-            let payload = Array(bytes[(offset + 8)..<(offset + 8 + length)])
-            let end = offset + 8 + length
-            guard CRC32.checksum(payload) == crc else {
+            guard remaining >= headerLength else { break }  // the last header, cut short
+            let lengthBytes = Array(bytes[offset..<(offset + 4)])
+            guard CRC32.checksum(lengthBytes) == readUInt32(bytes, at: offset + 4) else {
+                // A crash can leave a zero-filled extension of the file: that is a tail that was never written.
+                if bytes[offset...].allSatisfy({ $0 == 0 }) { break }
+                throw .walCorrupted(offset: UInt64(offset), reason: "frame header checksum mismatch with \(remaining) bytes from here on")
+            }
+            let length = Int(readUInt32(bytes, at: offset))
+            guard length <= maxRecordLength else {
+                throw .walCorrupted(offset: UInt64(offset), reason: "record length \(length) exceeds the limit \(maxRecordLength)")
+            }
+            guard length <= remaining - headerLength else { break }  // the last payload, cut short
+            let end = offset + headerLength + length
+            let payload = Array(bytes[(offset + headerLength)..<end])
+            guard CRC32.checksum(payload) == readUInt32(bytes, at: offset + 8) else {
                 if end == bytes.count { break }  // the last frame, half written
                 throw .walCorrupted(offset: UInt64(offset), reason: "checksum mismatch with \(bytes.count - end) bytes after it")
             }

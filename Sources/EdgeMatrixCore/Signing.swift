@@ -9,6 +9,8 @@ public enum SigningDomain: String, Sendable, CaseIterable {
     case vote = "edgematrix/vote/v1"
     case proposal = "edgematrix/proposal/v1"
     case peerHandshake = "edgematrix/peer-handshake/v1"
+    /// A node key vouching for the TLS key in its certificate (validator links).
+    case tlsBinding = "edgematrix/tls-binding/v1"
 
     public func message(_ bytes: [UInt8]) -> [UInt8] { Array(rawValue.utf8) + [0] + bytes }
 }

@@ -146,6 +146,9 @@ public struct LedgerState: Sendable {
             .sorted { $0.nodeKey.rawRepresentation.lexicographicallyPrecedes($1.nodeKey.rawRepresentation) }
     }
 
+    /// Whether equivocation evidence with this id has already slashed (it never slashes twice).
+    public func isEvidenceUsed(_ id: Hash32) -> Bool { usedEvidence.contains(id) }
+
     /// Where a transaction id was executed, while it is inside the deduplication window.
     public func location(ofTransaction id: Hash32) -> TxLocation? { dedup[id]?.location }
 

@@ -81,32 +81,41 @@ public final class BlockStore: Sendable {
         try migrator.migrate(pool)
     }
 
-    /// Appends the next block and its transactions atomically and durably.
+    /// Appends the next block and its transactions atomically and durably. A transaction id that already committed
+    /// successfully keeps its row: a failed copy of the same body (say, with a broken signature) never overwrites it.
     public func append(_ block: StoredBlock, txs: [StoredTx]) throws {
+        guard let height = Int64(exactly: block.height), let time = Int64(exactly: block.timeMillis) else {
+            throw StoreError.outOfRange("block height \(block.height) or time \(block.timeMillis) exceeds SQLite's integer range")
+        }
         try pool.write { db in
             try db.execute(sql: """
                 INSERT INTO block (height, hash, time_ms, value, certificate, next_validators, state_root, tx_count)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                """, arguments: [Int64(block.height), Data(block.hash.bytes), Int64(block.timeMillis), Data(block.value),
+                """, arguments: [height, Data(block.hash.bytes), time, Data(block.value),
                                  Data(block.certificate), Data(block.nextValidators), Data(block.stateRoot.bytes),
                                  block.txCount])
+            // The latest outcome wins unless a successful one is already recorded.
             let statement = try db.cachedStatement(sql: """
-                INSERT OR REPLACE INTO tx (hash, height, idx, ok, error, error_code) VALUES (?, ?, ?, ?, ?, ?)
+                INSERT INTO tx (hash, height, idx, ok, error, error_code) VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT(hash) DO UPDATE SET height = excluded.height, idx = excluded.idx, ok = excluded.ok,
+                    error = excluded.error, error_code = excluded.error_code
+                WHERE NOT tx.ok
                 """)
             for tx in txs {
-                try statement.execute(arguments: [Data(tx.hash.bytes), Int64(tx.height), Int64(tx.index), tx.ok, tx.error,
-                                                  tx.errorCode])
+                try statement.execute(arguments: [Data(tx.hash.bytes), height, Int64(tx.index), tx.ok, tx.error, tx.errorCode])
             }
         }
     }
 
     public func lastHeight() throws -> UInt64 {
-        try pool.read { db in UInt64(try Int64.fetchOne(db, sql: "SELECT MAX(height) FROM block") ?? 0) }
+        try pool.read { db in try Self.unsigned(try Int64.fetchOne(db, sql: "SELECT MAX(height) FROM block") ?? 0, "MAX(height)") }
     }
 
+    /// The block at `height`; nil for any height the store cannot hold (above Int64.max), as for one not yet committed.
     public func block(at height: UInt64) throws -> StoredBlock? {
-        try pool.read { db in
-            try Row.fetchOne(db, sql: "SELECT * FROM block WHERE height = ?", arguments: [Int64(height)]).map(Self.block)
+        guard let key = Int64(exactly: height) else { return nil }
+        return try pool.read { db in
+            try Row.fetchOne(db, sql: "SELECT * FROM block WHERE height = ?", arguments: [key]).map(Self.block)
         }
     }
 
@@ -116,16 +125,18 @@ public final class BlockStore: Sendable {
         }
     }
 
-    /// Blocks from `from` upwards in height order, at most `limit` of them and about `maxBytes` in total.
+    /// Blocks from `from` upwards in height order, at most `limit` (1...1000) of them and about `maxBytes` in total.
     public func blocks(from: UInt64, limit: Int, maxBytes: Int = .max) throws -> [StoredBlock] {
-        try pool.read { db in
+        guard let start = Int64(exactly: from) else { return [] }
+        let limit = min(max(limit, 1), 1000)
+        return try pool.read { db in
             let rows = try Row.fetchCursor(db, sql: "SELECT * FROM block WHERE height >= ? ORDER BY height LIMIT ?",
-                                           arguments: [Int64(from), limit])
+                                           arguments: [start, limit])
             var out = [StoredBlock]()
             var bytes = 0
             while let row = try rows.next() {
-                let block = Self.block(row)
-                bytes += block.value.count + block.certificate.count
+                let block = try Self.block(row)
+                bytes = bytes.addingReportingOverflow(block.value.count + block.certificate.count).partialValue
                 if !out.isEmpty, bytes > maxBytes { break }
                 out.append(block)
             }
@@ -136,17 +147,27 @@ public final class BlockStore: Sendable {
     public func tx(hash: Hash32) throws -> StoredTx? {
         try pool.read { db in
             try Row.fetchOne(db, sql: "SELECT * FROM tx WHERE hash = ?", arguments: [Data(hash.bytes)]).map { row in
-                StoredTx(hash: hash, height: UInt64(row["height"] as Int64), index: UInt32(row["idx"] as Int64),
-                         ok: row["ok"], error: row["error"], errorCode: row["error_code"])
+                guard let index = UInt32(exactly: row["idx"] as Int64) else { throw StoreError.corruptRow("tx \(hash.hex): index") }
+                return StoredTx(hash: hash, height: try Self.unsigned(row["height"], "tx height"), index: index,
+                                ok: row["ok"], error: row["error"], errorCode: row["error_code"])
             }
         }
     }
 
-    private static func block(_ row: Row) -> StoredBlock {
-        func hash(_ column: String) -> Hash32 { Hash32(bytes: [UInt8](row[column] as Data)) ?? .zero }
-        return StoredBlock(height: UInt64(row["height"] as Int64), hash: hash("hash"), timeMillis: UInt64(row["time_ms"] as Int64),
+    private static func unsigned(_ value: Int64, _ what: String) throws -> UInt64 {
+        guard let result = UInt64(exactly: value) else { throw StoreError.corruptRow("\(what) is negative (\(value))") }
+        return result
+    }
+
+    private static func block(_ row: Row) throws -> StoredBlock {
+        func hash(_ column: String) throws -> Hash32 {
+            guard let hash = Hash32(bytes: [UInt8](row[column] as Data)) else { throw StoreError.corruptRow("block \(column) is not 32 bytes") }
+            return hash
+        }
+        return StoredBlock(height: try unsigned(row["height"], "block height"), hash: try hash("hash"),
+                           timeMillis: try unsigned(row["time_ms"], "block time"),
                            value: [UInt8](row["value"] as Data), certificate: [UInt8](row["certificate"] as Data),
-                           nextValidators: [UInt8](row["next_validators"] as Data), stateRoot: hash("state_root"),
+                           nextValidators: [UInt8](row["next_validators"] as Data), stateRoot: try hash("state_root"),
                            txCount: row["tx_count"])
     }
 }

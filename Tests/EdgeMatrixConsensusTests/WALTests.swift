@@ -124,12 +124,12 @@ struct WALTests {
             let records = sampleRecords()
             try FileWAL(path: path).append(records)
             let intact = try Data(contentsOf: URL(fileURLWithPath: path))
-            for cut in [1, 5, 9, 30] {  // inside the header, inside the payload
+            for cut in [1, 5, 9, 11, 30] {  // inside the header, inside the payload
                 let extra = WALRecord.signed(.vote(f.vote(1, .prevote, height: 9, round: 9, nil)))
                 var torn = intact
                 var frame = [UInt8]()
                 try FileWAL(path: dir + "/scratch.wal").append([extra])
-                frame = Array(try Data(contentsOf: URL(fileURLWithPath: dir + "/scratch.wal")))
+                frame = Array(try Data(contentsOf: URL(fileURLWithPath: dir + "/scratch.wal")).dropFirst(FileWAL.magic.count))
                 try FileManager.default.removeItem(atPath: dir + "/scratch.wal")
                 torn.append(contentsOf: frame.prefix(cut))
                 try torn.write(to: URL(fileURLWithPath: path))
@@ -154,14 +154,58 @@ struct WALTests {
             let path = dir + "/consensus.wal"
             try FileWAL(path: path).append(sampleRecords())
             var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
-            bytes[12] ^= 0xFF  // inside the first payload
+            let firstFrame = FileWAL.magic.count
+            bytes[firstFrame + FileWAL.headerLength + 2] ^= 0xFF  // inside the first payload
             try bytes.write(to: URL(fileURLWithPath: path))
             #expect {
                 _ = try FileWAL(path: path)
             } throws: { error in
-                guard case .walCorrupted(offset: 0, _) = error as? ConsensusError else { return false }
+                guard case .walCorrupted(offset: UInt64(firstFrame), _) = error as? ConsensusError else { return false }
                 return true
             }
+            #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == bytes)  // nothing was cut
+        }
+    }
+
+    @Test("a corrupt length that runs past the end of the file is corruption, not a torn tail: the node refuses and nothing is cut",
+          arguments: [0, 1, 3])
+    func corruptLengthIsNotATornTail(byte: Int) throws {
+        try withTemporaryDirectory { dir in
+            let path = dir + "/consensus.wal"
+            try FileWAL(path: path).append(sampleRecords())
+            var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+            bytes[FileWAL.magic.count + byte] ^= 0x40  // the first frame's length: now far beyond the file
+            try bytes.write(to: URL(fileURLWithPath: path))
+            #expect(throws: ConsensusError.self) { _ = try FileWAL(path: path) }
+            #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == bytes)
+        }
+    }
+
+    @Test("a WAL without the version header (an older build's, or overwritten) is refused with a clear message")
+    func foreignFileIsRefused() throws {
+        try withTemporaryDirectory { dir in
+            let path = dir + "/consensus.wal"
+            let foreign = Data([0, 0, 0, 4, 1, 2, 3, 4, 9, 9, 9, 9])
+            try foreign.write(to: URL(fileURLWithPath: path))
+            #expect {
+                _ = try FileWAL(path: path)
+            } throws: { error in
+                "\(error)".contains("not a version-2 consensus WAL")
+            }
+            #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == foreign)
+        }
+    }
+
+    @Test("zeros left after the last frame by a crash are a torn tail, not corruption")
+    func zeroFilledTail() throws {
+        try withTemporaryDirectory { dir in
+            let path = dir + "/consensus.wal"
+            let records = sampleRecords()
+            try FileWAL(path: path).append(records)
+            let intact = try Data(contentsOf: URL(fileURLWithPath: path))
+            try (intact + Data(count: 4096)).write(to: URL(fileURLWithPath: path))
+            #expect(try FileWAL(path: path).replay() == records)
+            #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == intact)
         }
     }
 
