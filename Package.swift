@@ -34,6 +34,9 @@ let package = Package(
         ),
         .target(name: "EdgeMatrixLedger", dependencies: ["EdgeMatrixCore"]),
         .target(name: "EdgeMatrixConsensus", dependencies: ["EdgeMatrixCore"]),
+        // Block validity rules: a pure layer between the consensus engine and the ledger (as ABCI separates
+        // CometBFT from its application), so that simulations drive the very rules validators run.
+        .target(name: "EdgeMatrixApplication", dependencies: ["EdgeMatrixCore", "EdgeMatrixLedger", "EdgeMatrixConsensus"]),
         .target(
             name: "EdgeMatrixStore",
             dependencies: ["EdgeMatrixCore", .product(name: "GRDB", package: "GRDB.swift")]
@@ -54,7 +57,8 @@ let package = Package(
         .target(
             name: "EdgeMatrixChain",
             dependencies: [
-                "EdgeMatrixCore", "EdgeMatrixLedger", "EdgeMatrixConsensus", "EdgeMatrixStore", "EdgeMatrixNetwork",
+                "EdgeMatrixCore", "EdgeMatrixLedger", "EdgeMatrixConsensus", "EdgeMatrixApplication", "EdgeMatrixStore",
+                "EdgeMatrixNetwork",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "Hummingbird", package: "hummingbird"),
@@ -117,7 +121,10 @@ let package = Package(
         ),
         .testTarget(name: "EdgeMatrixCoreTests", dependencies: ["EdgeMatrixCore"]),
         .testTarget(name: "EdgeMatrixLedgerTests", dependencies: ["EdgeMatrixLedger", "EdgeMatrixCore"]),
-        .testTarget(name: "EdgeMatrixConsensusTests", dependencies: ["EdgeMatrixConsensus", "EdgeMatrixCore"]),
+        .testTarget(
+            name: "EdgeMatrixConsensusTests",
+            dependencies: ["EdgeMatrixConsensus", "EdgeMatrixCore", "EdgeMatrixApplication", "EdgeMatrixLedger"]
+        ),
         .testTarget(
             name: "EdgeMatrixRouterTests",
             dependencies: ["EdgeMatrixRouter", "EdgeMatrixNetwork", "EdgeMatrixStore", "EdgeMatrixCore"]
@@ -127,6 +134,7 @@ let package = Package(
             dependencies: [
                 "EdgeMatrixNode", "EdgeMatrixRouter", "EdgeMatrixCompute", "EdgeMatrixNetwork",
                 "EdgeMatrixStore", "EdgeMatrixCore", "EdgeMatrixClient", "EdgeMatrixChain", "EdgeMatrixLedger",
+                "EdgeMatrixApplication", "EdgeMatrixConsensus",
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),

@@ -1,3 +1,4 @@
+import EdgeMatrixApplication
 import EdgeMatrixConsensus
 import EdgeMatrixCore
 import EdgeMatrixLedger

@@ -29,6 +29,8 @@ final class Simulation {
         var powerChange: (node: Int, power: UInt64)?
         var heightsAfterGST: Int
         var livenessBoundMs: UInt64
+        /// Run the real chain application (blocks, block rules, ledger, evidence, epochs) instead of opaque values.
+        var ledger = false
 
         var description: String {
             "seed \(seed): n=\(validators) powers=\(powers) faults=\(behaviors) gst=\(gst)ms loss=\(lossPerMille)‰ "
@@ -85,6 +87,9 @@ final class Simulation {
         var livenessMs: UInt64?
         var events = 0
         var evidence = 0
+        /// With the ledger: transfers proposed and evidence committed on chain.
+        var transfers = 0
+        var evidenceCommitted = 0
     }
 
     // MARK: State
@@ -120,6 +125,7 @@ final class Simulation {
     let scenario: Scenario
     let configuration: ConsensusConfiguration
     let genesis: ValidatorSet
+    let application: SimulatedLedger?
     let cache = SignatureCache()
     var rng: Xoshiro256
     var nodes: [Node] = []
@@ -139,13 +145,20 @@ final class Simulation {
         rng = Xoshiro256(seed: scenario.seed)
         let timeouts = TimeoutConfiguration(proposeMs: 300, proposeDeltaMs: 100, prevoteMs: 150, prevoteDeltaMs: 50,
                                             precommitMs: 150, precommitDeltaMs: 50, commitMs: 800)
-        configuration = ConsensusConfiguration(chainID: "emc-sim", timeouts: timeouts)
+        configuration = ConsensusConfiguration(chainID: SimulatedLedger.chainID, timeouts: timeouts)
         let keys = (0..<scenario.validators).map { i -> SigningKey in
             var mix = SeededRandom(seed: UInt64(i) &* 0x1000_0000_01 &+ 7)
             let seed = (0..<4).flatMap { _ in withUnsafeBytes(of: mix.next().bigEndian, Array.init) }
             return try! SigningKey(seed: seed)
         }
-        genesis = try! ValidatorSet(keys.indices.map { (publicKey: keys[$0].publicKey, votingPower: scenario.powers[$0]) })
+        if scenario.ledger {
+            let application = SimulatedLedger(nodeKeys: keys, powers: scenario.powers, powerChange: scenario.powerChange, seed: scenario.seed)
+            self.application = application
+            genesis = application.genesisValidators
+        } else {
+            application = nil
+            genesis = try! ValidatorSet(keys.indices.map { (publicKey: keys[$0].publicKey, votingPower: scenario.powers[$0]) })
+        }
         for i in keys.indices {
             nodes.append(Node(behavior: scenario.behaviors[i], key: keys[i], signer: CachingSigner(key: keys[i], cache: cache)))
         }
@@ -185,6 +198,8 @@ final class Simulation {
         }
         checkStateRoots()
         outcome.heights = nodes.map { $0.blocks.count }
+        outcome.transfers = application?.transfersProposed ?? 0
+        outcome.evidenceCommitted = application?.evidenceCommitted ?? 0
         return outcome
     }
 
@@ -256,7 +271,11 @@ final class Simulation {
         var engine = ConsensusEngine(configuration: configuration, validators: validators, signer: nodes[i].signer,
                                      verifier: cache, walRecords: nodes[i].wal.replay())
         let height = Height(nodes[i].blocks.count + 1)
-        if let change = scenario.powerChange, height < 3 {
+        if let application {
+            if let pending = application.pendingUpdates(i) {
+                _ = engine.handle(.validatorUpdates(effectiveHeight: pending.effectiveHeight, updates: pending.updates))
+            }
+        } else if let change = scenario.powerChange, height < 3 {
             _ = engine.handle(.validatorUpdates(effectiveHeight: 3, updates: [
                 ValidatorUpdate(publicKey: nodes[change.node].key.publicKey, votingPower: change.power),
             ]))
@@ -271,6 +290,7 @@ final class Simulation {
         nodes[i].engine = nil
         nodes[i].incarnation += 1
         nodes[i].crashAfterActions = nil
+        application?.crashed(i)
     }
 
     // MARK: A node handling one event and carrying out its actions, like a real host
@@ -293,13 +313,17 @@ final class Simulation {
             case .requestValue(let height, let round):
                 followUps.append(.valueToPropose(height: height, round: round, value: makeValue(i, height, round)))
             case .requestValidation(let height, let value, let bytes):
-                let valid = isValid(bytes, height: height)
+                let valid = application?.isValid(i, bytes, height: height, now: now, engineValidators: engine.validators)
+                    ?? isValid(bytes, height: height)
                 queue.push(at: now + UInt64(rng.int(0...30)),
                            .validated(node: i, incarnation: nodes[i].incarnation, height, value, valid))
             case .commit(let block):
-                commit(i, block)
+                if let updates = commit(i, block) {
+                    followUps.append(.validatorUpdates(effectiveHeight: block.height + 2, updates: updates))
+                }
             case .evidence(let evidence):
                 outcome.evidence += 1
+                application?.evidence(i, evidence)
                 if let offender = nodes.firstIndex(where: { $0.key.nodeID == evidence.validator }),
                    nodes[offender].behavior == .honest {
                     fail("n\(i) produced evidence against honest n\(offender): \(evidence)")
@@ -316,9 +340,10 @@ final class Simulation {
         for event in followUps { process(i, event) }
     }
 
-    private func commit(_ i: Int, _ block: CommittedBlock) {
+    /// Returns validator updates for the engine (ledger mode, at epoch boundaries).
+    private func commit(_ i: Int, _ block: CommittedBlock) -> [ValidatorUpdate]? {
         let expected = Height(nodes[i].blocks.count + 1)
-        guard block.height == expected else { return fail("n\(i) committed height \(block.height), expected \(expected)") }
+        guard block.height == expected else { fail("n\(i) committed height \(block.height), expected \(expected)"); return nil }
         let validators = nodes[i].blocks.last?.nextValidators ?? genesis
         do {
             try block.certificate.verify(block: block.value, height: block.height, chainID: configuration.chainID,
@@ -333,11 +358,25 @@ final class Simulation {
             }
             decided[block.height] = id
         }
-        if !isValid(block.value, height: block.height) { fail("n\(i) committed an invalid value at \(block.height)") }
+        var updates: [ValidatorUpdate]?
+        if let application {
+            // The state root is the ledger's after executing the block, as validators store it.
+            switch application.commit(i, block) {
+            case .success(let result):
+                nodes[i].roots.append(result.root)
+                updates = result.updates.isEmpty ? nil : result.updates
+            case .failure(let failure):
+                fail("n\(i): \(failure.message)")
+                return nil
+            }
+        } else {
+            if !isValid(block.value, height: block.height) { fail("n\(i) committed an invalid value at \(block.height)") }
+            nodes[i].roots.append(Hash32.of((nodes[i].roots.last ?? .zero).bytes + id.bytes))
+        }
         nodes[i].blocks.append(block)
-        nodes[i].roots.append(Hash32.of((nodes[i].roots.last ?? .zero).bytes + id.bytes))
         nodes[i].wal.prune(below: block.height + 1)
         if trace { print("\(now) n\(i) COMMITS \(block.height) \(id.hex.prefix(8))") }
+        return updates
     }
 
     private func checkStateRoots() {
@@ -353,6 +392,10 @@ final class Simulation {
     /// A value is a small "block": a tag, the height, the proposer and a nonce. Tag 0xBA marks a block the
     /// application rules reject (Byzantine proposers sometimes send one).
     private func makeValue(_ i: Int, _ height: Height, _ round: Round, valid: Bool = true) -> [UInt8] {
+        if let application {
+            return application.propose(i, height: height, now: now, valid: valid,
+                                       engineValidators: nodes[i].engine?.validators ?? genesis, rng: &rng)
+        }
         var writer = ByteWriter()
         writer.write(UInt8(valid ? 0xB1 : 0xBA))
         writer.write(height)

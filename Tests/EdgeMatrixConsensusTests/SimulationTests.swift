@@ -40,6 +40,42 @@ struct SimulationTests {
               + "\(withEquivocator) seeds with an equivocator; slowest liveness after GST \(slowest.1) ms (seed \(slowest.0))")
     }
 
+    static let ledgerSeedCount = UInt64(environment["EMC_SIM_LEDGER_SEEDS"] ?? "") ?? 96
+
+    /// The same faults, with the validators' real application: blocks of signed transfers and stake changes,
+    /// BlockRules (height, time window, proposer, evidence at its own height) deciding validity, the ledger executing
+    /// commits and giving the state roots, equivocation evidence committed and slashed, validator sets changing at
+    /// epoch boundaries. EMC_SIM_LEDGER_SEEDS=N for more seeds (default 96).
+    @Test("with the real block rules and ledger: safety, liveness, equal state roots, evidence on chain, epoch changes",
+          arguments: 0..<lanes)
+    func ledgerSeeds(lane: Int) {
+        var transfers = 0, evidenceCommitted = 0, withEquivocator = 0, changesSeen = 0, changesDue = 0
+        for seed in stride(from: UInt64(lane) + 100_000, to: 100_000 + Self.ledgerSeedCount, by: Self.lanes) {
+            var scenario = Simulation.Scenario(seed: seed, heightsAfterGST: 10)
+            scenario.ledger = true
+            let simulation = Simulation(scenario)
+            let outcome = simulation.run()
+            #expect(outcome.failures.isEmpty, "\(outcome.failures.joined(separator: "\n"))")
+            transfers += outcome.transfers
+            evidenceCommitted += outcome.evidenceCommitted
+            if scenario.behaviors.contains(.equivocator) { withEquivocator += 1 }
+            // A stake change bonded at height 2 and moved at 3 is in the set from the epoch boundary at 4 (+2 heights).
+            if let change = scenario.powerChange, (outcome.heights.max() ?? 0) >= 7,
+               let node = simulation.nodes.first(where: { $0.blocks.count >= 7 }) {
+                changesDue += 1
+                let key = simulation.nodes[change.node].key.publicKey
+                let before = simulation.genesis.validators.first { $0.publicKey == key }?.votingPower ?? 0
+                let after = node.blocks[6].nextValidators.validators.first { $0.publicKey == key }?.votingPower ?? 0
+                if after > before { changesSeen += 1 }
+            }
+        }
+        #expect(transfers > 0)
+        #expect(changesSeen == changesDue, "a bonded stake change must reach the validator set at the next epoch boundary")
+        if withEquivocator >= 4 { #expect(evidenceCommitted > 0, "equivocators' evidence must be committed and slashed") }
+        print("ledger simulation lane \(lane): \(transfers) transfers, \(evidenceCommitted) evidence committed, "
+              + "\(changesSeen)/\(changesDue) stake changes in the set")
+    }
+
     @Test("the same seed replays to exactly the same run")
     func determinism() {
         for seed: UInt64 in [3, 10] {

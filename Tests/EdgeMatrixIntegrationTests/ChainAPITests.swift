@@ -1,3 +1,4 @@
+import EdgeMatrixApplication
 import AsyncHTTPClient
 @testable import EdgeMatrixChain
 import EdgeMatrixCore

@@ -1,4 +1,5 @@
 @testable import EdgeMatrixChain
+import EdgeMatrixApplication
 import EdgeMatrixConsensus
 import EdgeMatrixCore
 import EdgeMatrixLedger
