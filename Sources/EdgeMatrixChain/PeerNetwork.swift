@@ -250,6 +250,9 @@ struct PeerEndpoint: RegistrableRPCService {
     let blocks: @Sendable (BlockRangeRequest) throws -> BlockRangeResponse
     let statusFrame: @Sendable () -> PeerFrame
     let logger: Logger
+    /// A peer sending more frames than this in one second is cut off: the consensus loop's input must not grow
+    /// without bound because one validator floods it (honest gossip at full load stays far below).
+    var maxFramesPerSecond: Int
 
     func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
         router.registerHandler(
@@ -309,7 +312,20 @@ struct PeerEndpoint: RegistrableRPCService {
                     try await Task.sleep(for: .milliseconds(500))
                 }
             }
+            var windowStart = ContinuousClock.now
+            var framesInWindow = 0
             while let frame = try await inbound.next() {
+                framesInWindow += 1
+                if framesInWindow > maxFramesPerSecond {
+                    let now = ContinuousClock.now
+                    if now - windowStart < .seconds(1) {
+                        logger.warning("peer cut off: frame flood", metadata: ["peer": "\(peer.short)", "limit": "\(maxFramesPerSecond)/s"])
+                        Counter(label: "emc_chain_peer_disconnects_total", dimensions: [("reason", "flood")]).increment()
+                        throw RPCError(code: .resourceExhausted, message: "more than \(maxFramesPerSecond) frames in one second")
+                    }
+                    windowStart = now
+                    framesInWindow = 1
+                }
                 switch frame {
                 case .consensus, .tx, .status: onFrame(peer, frame)
                 default: throw RPCError(code: .failedPrecondition, message: "handshake frame after the handshake")

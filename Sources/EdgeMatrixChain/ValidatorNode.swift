@@ -24,6 +24,8 @@ public struct ValidatorConfiguration: Sendable {
     /// Peers to dial besides the genesis validators (`--peers KEY@HOST:PORT,...`): how a validator that joins
     /// later by staking finds the network. Validators registered on chain are dialled as they appear.
     public var peers: [PeerAddress]
+    /// A peer that sends more frames than this in one second is disconnected.
+    public var maxPeerFramesPerSecond = 20_000
 
     public init(genesis: Genesis, dataDirectory: String, httpHost: String = "127.0.0.1", httpPort: Int, p2pHost: String = "127.0.0.1",
                 p2pPort: Int, timeouts: TimeoutConfiguration = ValidatorConfiguration.defaultTimeouts, maxTxsPerBlock: Int = 10_000,
@@ -190,7 +192,12 @@ public struct ValidatorNode: Service {
             onFrame: { [self] peer, frame in
                 switch frame {
                 case .consensus(let bytes):
-                    if let message = try? ConsensusMessage(canonicalBytes: bytes) { inputSink.yield(.message(message)) }
+                    // Only the heights the engine can use (the next one, and one beyond while a commit propagates)
+                    // reach the consensus loop; anything else is dropped here, before it queues.
+                    let next = view.current.height + 1
+                    if let message = try? ConsensusMessage(canonicalBytes: bytes), message.height >= next, message.height <= next + 1 {
+                        inputSink.yield(.message(message))
+                    }
                 case .tx(let bytes):
                     _ = try? submit(bytes, gossip: false)
                 case .status(let height):
@@ -200,7 +207,8 @@ public struct ValidatorNode: Service {
             },
             blocks: { [self] request in try blockRange(request) },
             statusFrame: { .status(height: view.current.height) },
-            logger: logger)
+            logger: logger,
+            maxFramesPerSecond: configuration.maxPeerFramesPerSecond)
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.p2pHost, port: configuration.p2pPort),
             // Checked in the TLS handshake itself: nothing, GetBlocks included, is served to a key the chain does not admit.

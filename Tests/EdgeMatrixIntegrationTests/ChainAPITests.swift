@@ -21,7 +21,7 @@ final class InProcessChain: @unchecked Sendable {
     private let task: Task<Void, any Error>
 
     /// `validators` in the genesis, of which the first `running` are started.
-    init(validators: Int, running: Int) throws {
+    init(validators: Int, running: Int, maxPeerFramesPerSecond: Int? = nil) throws {
         directory = Harness.temporaryDirectory("chain-inproc")
         httpPorts = (0..<validators).map { _ in Harness.freePort() }
         p2pPorts = (0..<validators).map { _ in Harness.freePort() }
@@ -32,8 +32,9 @@ final class InProcessChain: @unchecked Sendable {
         var nodes = [ValidatorNode]()
         for i in 0..<running {
             let key = try KeyFile.read(from: layout.validatorKeyPath(i + 1))
-            let configuration = ValidatorConfiguration(genesis: genesis, dataDirectory: layout.validatorDirectory(i + 1),
+            var configuration = ValidatorConfiguration(genesis: genesis, dataDirectory: layout.validatorDirectory(i + 1),
                                                        httpPort: httpPorts[i], p2pPort: p2pPorts[i])
+            if let maxPeerFramesPerSecond { configuration.maxPeerFramesPerSecond = maxPeerFramesPerSecond }
             nodes.append(try ValidatorNode(configuration: configuration, key: key, logger: logger))
         }
         self.nodes = nodes

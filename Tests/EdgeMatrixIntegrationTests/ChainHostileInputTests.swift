@@ -7,9 +7,12 @@ import EdgeMatrixNetwork
 import EdgeMatrixStore
 import AsyncHTTPClient
 import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
 import Logging
 import NIOHTTP1
 import ServiceLifecycle
+import Synchronization
 import Testing
 
 /// The validator's trust boundary: what a client, a proposer or a peer sends can neither crash it nor stall the chain.
@@ -429,6 +432,133 @@ extension Integration {
             // One back (restarted from its own blocks and WAL): 80% is up, and the chain moves again.
             try cluster.start(4)
             try await Harness.eventually(timeout: .seconds(60), "4 of 5 finalise again") { cluster.height >= stalled + 2 }
+        }
+    }
+}
+
+/// A validator key that speaks the real peer protocol (mutual TLS, handshake) and then sends whatever a test wants.
+struct HostilePeer {
+    let key: SigningKey
+    let chainID: String
+    let target: PeerAddress
+
+    /// Connects, authenticates, sends `frames` as fast as the stream takes them, and returns how the stream ended.
+    func send(_ frames: @escaping @Sendable () -> [PeerFrame]) async -> (sent: Int, error: (any Error)?) {
+        let sent = Mutex(0)
+        do {
+            let transport = try HTTP2ClientTransport.Posix(
+                target: peerTarget(host: target.host, port: target.port),
+                transportSecurity: try NodeTLS.make(key: key).clientSecurity(pinned: target.key))
+            let client = GRPCClient(transport: transport)
+            return try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask { try await client.runConnections() }
+                defer { client.beginGracefulShutdown() }
+                let (outbound, sink) = AsyncStream<PeerFrame>.makeStream()
+                let nonce = PeerHandshake.randomNonce()
+                sink.yield(.hello(nodeKey: key.publicKey, nonce: nonce, chainID: chainID))
+                let request = StreamingClientRequest<PeerFrame> { writer in
+                    for await frame in outbound {
+                        try await writer.write(frame)
+                        sent.withLock { $0 += 1 }
+                    }
+                }
+                do {
+                    try await client.bidirectionalStreaming(
+                        request: request, descriptor: PeerService.gossip,
+                        serializer: CanonicalSerializer<PeerFrame>(), deserializer: CanonicalDeserializer<PeerFrame>(),
+                        options: .defaults
+                    ) { response in
+                        var inbound = response.messages.makeAsyncIterator()
+                        guard case .challenge(let serverKey, let serverNonce, _)? = try await inbound.next() else { return }
+                        let transcript = PeerHandshake.transcript(role: "client", chainID: chainID, clientKey: key.publicKey, clientNonce: nonce,
+                                                                  serverKey: serverKey, serverNonce: serverNonce)
+                        sink.yield(.auth(signature: key.sign(transcript, domain: .peerHandshake)))
+                        guard case .accepted? = try await inbound.next() else { return }
+                        for frame in frames() { sink.yield(frame) }
+                        // Keep reading until the server ends the stream (or a short while passes).
+                        let deadline = ContinuousClock.now + .seconds(5)
+                        while ContinuousClock.now < deadline, try await inbound.next() != nil {}
+                        sink.finish()
+                    }
+                } catch {
+                    sink.finish()
+                    group.cancelAll()
+                    return (sent.withLock { $0 }, error)
+                }
+                group.cancelAll()
+                return (sent.withLock { $0 }, nil)
+            }
+        } catch {
+            return (sent.withLock { $0 }, error)
+        }
+    }
+}
+
+extension Integration {
+    @Suite("Validator under a hostile peer", .serialized)
+    struct HostilePeerTests {
+        @Test("a validator key sending garbage, forged votes, a huge height, handshake frames and a flood is cut off; the chain keeps finalising")
+        func hostilePeer() async throws {
+            // A limit a debug build can exceed from one test client (the default, 20,000/s, is for release builds).
+            let chain = try InProcessChain(validators: 4, running: 3, maxPeerFramesPerSecond: 3_000)
+            do { try await attack(chain) } catch {
+                await chain.stop()
+                throw error
+            }
+            await chain.stop()
+        }
+
+        func attack(_ chain: InProcessChain) async throws {
+            try await Harness.eventually(timeout: .seconds(30), "three of four validators commit") {
+                (try await Harness.request(.GET, chain.url() + "/status", timeout: .seconds(1)).json?["height"] as? Int ?? 0) >= 2
+            }
+            // The fourth genesis validator's key: admitted by TLS and the handshake, so every frame reaches the node.
+            let byzantine = try chain.key(3)
+            let target = PeerAddress(key: try chain.key(0).publicKey, endpoint: "127.0.0.1:\(chain.p2pPorts[0])")!
+            let peer = HostilePeer(key: byzantine, chainID: "emc-test", target: target)
+            let honest = try chain.key(1)
+            let height = { chain.nodes.map { $0.view.current.height }.max() ?? 0 }
+
+            // Garbage of every kind, seeded; votes signed by the wrong key in an honest validator's name; far
+            // future heights; a claimed height of 2^40.
+            var random = SeededRandom(seed: 0xBAD)
+            var garbage = [PeerFrame]()
+            for i in 0..<600 {
+                let bytes = random.bytes(Int(random.next() % 300))
+                garbage.append(i % 2 == 0 ? .consensus(bytes) : .tx(bytes))
+                let now = height()
+                let forged = SignedVote(signing: VoteBody(chainID: "emc-test", type: .prevote, height: now + 1, round: UInt32(i % 5),
+                                                          value: Hash32.of(bytes), validator: honest.nodeID), with: byzantine)
+                garbage.append(.consensus(ConsensusMessage.vote(forged).canonicalBytes))
+                let future = SignedVote(signing: VoteBody(chainID: "emc-test", type: .precommit, height: now + 1_000 + UInt64(i),
+                                                          round: 0, value: nil, validator: byzantine.nodeID), with: byzantine)
+                garbage.append(.consensus(ConsensusMessage.vote(future).canonicalBytes))
+            }
+            garbage.append(.status(height: 1 << 40))
+            let frames = garbage
+            let before = height()
+            let first = await peer.send { frames }
+            #expect(first.sent >= frames.count)
+            try await Harness.eventually(timeout: .seconds(20), "the chain finalises after the garbage") { height() >= before + 2 }
+
+            // A handshake frame after the handshake ends the link.
+            let second = await peer.send { [.status(height: 1), .hello(nodeKey: byzantine.publicKey, nonce: PeerHandshake.randomNonce(), chainID: "emc-test")] }
+            #expect(second.error != nil, "a second hello must end the stream")
+
+            // A flood: far more frames per second than the limit. The node cuts the link off.
+            let flood = await peer.send { Array(repeating: PeerFrame.tx([1, 2, 3]), count: 200_000) }
+            #expect(flood.error != nil, "the flood must be cut off (sent \(flood.sent))")
+
+            // Every validator is alive, the chain still finalises, and an honest transfer commits.
+            let afterFlood = height()
+            try await Harness.eventually(timeout: .seconds(20), "the chain finalises after the flood") { height() >= afterFlood + 2 }
+            let bob = Account(owner: SigningKey().publicKey)
+            let tx = transfer(try chain.funded, to: bob, amount: Amount(emc: 1), chainID: "emc-test")
+            #expect(try await Harness.request(.POST, chain.url(1) + "/txs", body: tx.encoded).status == 202)
+            try await Harness.eventually(timeout: .seconds(20), "an honest transfer commits") {
+                try await Harness.request(.GET, chain.url(2) + "/accounts/\(bob)/balance").json?["balance"] as? String == "1.00000000"
+            }
+            for i in 0..<3 { #expect(try await Harness.request(.GET, chain.url(i) + "/health").status == 200) }
         }
     }
 }
