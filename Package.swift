@@ -26,6 +26,7 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/grpc/grpc-swift-2.git", from: "2.4.3"),
         .package(url: "https://github.com/grpc/grpc-swift-nio-transport.git", from: "2.9.2"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
     ],
     targets: [
         .target(
@@ -124,6 +125,13 @@ let package = Package(
         .testTarget(
             name: "EdgeMatrixConsensusTests",
             dependencies: ["EdgeMatrixConsensus", "EdgeMatrixCore", "EdgeMatrixApplication", "EdgeMatrixLedger"]
+        ),
+        .testTarget(
+            name: "EdgeMatrixWireTests",
+            dependencies: [
+                "EdgeMatrixCore", "EdgeMatrixLedger", "EdgeMatrixConsensus", "EdgeMatrixApplication", "EdgeMatrixNetwork",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ]
         ),
         .testTarget(
             name: "EdgeMatrixRouterTests",
