@@ -4,16 +4,27 @@ import EdgeMatrixLedger
 import Foundation
 import NIOCore
 
-/// A failed call to a validator's HTTP API, with the API's stable code.
+/// A failed call to a validator's HTTP API, with the API's stable code (`unreachable`, `timeout` and
+/// `invalid_response` come from the client itself).
 public struct ChainClientError: Error, CustomStringConvertible, Sendable {
     public var status: Int
     public var code: String
     public var message: String
     public var description: String { status == 0 ? message : "\(code): \(message) (HTTP \(status))" }
+
+    public init(status: Int, code: String, message: String) {
+        self.status = status
+        self.code = code
+        self.message = message
+    }
 }
 
-/// A small client of the chain's HTTP JSON API (the CLI and tests use it).
+/// A small client of the chain's HTTP JSON API (the CLI and tests use it). Everything the node answers is
+/// treated as untrusted: bodies are size-capped, and anything that is not the expected JSON is a typed error.
 public struct ChainClient: Sendable {
+    /// Largest answer read from a node.
+    public static let maxResponseBytes = 64 << 20
+
     public let baseURL: String
     let http: HTTPClient
 
@@ -39,34 +50,89 @@ public struct ChainClient: Sendable {
     private func call(_ request: HTTPClientRequest) async throws -> [String: Any] {
         let response: HTTPClientResponse
         do { response = try await http.execute(request, timeout: .seconds(15)) } catch {
-            throw ChainClientError(status: 0, code: "unreachable", message: "cannot reach the node at \(baseURL): \(error)")
+            throw ChainClientError(status: 0, code: "unreachable",
+                                   message: "cannot reach the node at \(baseURL) (\(error)); check --node / EMC_NODE_URL and that the validator runs")
         }
-        let body = try await response.body.collect(upTo: 64 << 20)
-        let object = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any] ?? [:]
-        guard (200..<300).contains(Int(response.status.code)) else {
-            let error = object["error"] as? [String: Any]
-            throw ChainClientError(status: Int(response.status.code), code: error?["code"] as? String ?? "http_error",
-                                   message: error?["message"] as? String ?? String(buffer: body))
+        let body: ByteBuffer
+        do { body = try await response.body.collect(upTo: Self.maxResponseBytes) } catch {
+            throw ChainClientError(status: 0, code: "invalid_response",
+                                   message: "the node at \(baseURL) sent an answer that broke off or exceeded \(Self.maxResponseBytes >> 20) MiB (\(error))")
+        }
+        let status = Int(exactly: response.status.code) ?? 0
+        let object = (try? JSONSerialization.jsonObject(with: Data(buffer: body))) as? [String: Any]
+        guard (200..<300).contains(status) else {
+            let error = object?["error"] as? [String: Any]
+            throw ChainClientError(status: status, code: error?["code"] as? String ?? "http_error",
+                                   message: error?["message"] as? String ?? String(String(buffer: body).prefix(500)))
+        }
+        guard let object else {
+            throw ChainClientError(status: status, code: "invalid_response",
+                                   message: "the node at \(baseURL) answered \(request.url.dropFirst(baseURL.count)) with something that is not a JSON object; is it an EdgeMatrix validator?")
         }
         return object
     }
 
-    /// Submits a signed transaction; returns its hash.
-    public func submit(_ tx: Transaction) async throws -> String {
-        let result = try await post("/txs", body: Array(Hex.encode(tx.encoded).utf8))
-        return result["hash"] as? String ?? tx.id.hex
+    /// `GET /status`.
+    public func status() async throws -> [String: Any] { try await get("/status") }
+
+    /// The chain id the node reports (what every transaction must be signed for).
+    public func chainID() async throws -> String {
+        guard let id = try await status()["chain_id"] as? String, !id.isEmpty else {
+            throw ChainClientError(status: 0, code: "invalid_response", message: "the node at \(baseURL) did not report a chain id")
+        }
+        return id
     }
 
-    /// Polls until the transaction is committed or failed; returns the tx JSON.
+    /// `GET /nodes`: every registered node (retired ones too), as the API returns them.
+    public func nodes() async throws -> [[String: Any]] {
+        guard let nodes = try await get("/nodes")["nodes"] as? [[String: Any]] else {
+            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /nodes did not return a `nodes` array")
+        }
+        return nodes
+    }
+
+    /// `GET /stakes/{account}`: every stake whose owner key is `owner` (any subaccount).
+    public func stakes(ownedBy owner: PublicKey) async throws -> [[String: Any]] {
+        guard let stakes = try await get("/stakes/\(Self.pathComponent(Account(owner: owner).description))")["stakes"] as? [[String: Any]] else {
+            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /stakes did not return a `stakes` array")
+        }
+        return stakes
+    }
+
+    /// Percent-encodes one path segment.
+    public static func pathComponent(_ text: String) -> String {
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
+    }
+
+    /// Submits a signed transaction; returns its hash (computed here: a node that reports another one is refused).
+    public func submit(_ tx: Transaction) async throws -> String {
+        let result = try await post("/txs", body: Array(Hex.encode(tx.encoded).utf8))
+        let hash = tx.id.hex
+        if let reported = result["hash"] as? String, reported != hash {
+            throw ChainClientError(status: 0, code: "invalid_response",
+                                   message: "the node reported hash \(reported.prefix(80)) for transaction \(hash); is it an EdgeMatrix validator of this version?")
+        }
+        return hash
+    }
+
+    /// Polls until the transaction is committed or failed; returns the tx JSON. Returns only once the node's
+    /// readable state includes the transaction's block too (a validator indexes a block's transactions a moment
+    /// before it publishes the block's state), so a query right after sees the transaction's effects.
     public func waitForCommit(hash: String, timeout: Duration = .seconds(60)) async throws -> [String: Any] {
         let deadline = ContinuousClock.now + timeout
         while ContinuousClock.now < deadline {
             if let result = try? await get("/txs/\(hash)"), let status = result["status"] as? String, status != "pending" {
+                let height = result["height"] as? Int ?? 0
+                while ContinuousClock.now < deadline, (try? await self.status()["height"] as? Int) ?? 0 < height {
+                    try await Task.sleep(for: .milliseconds(50))
+                }
                 return result
             }
             try await Task.sleep(for: .milliseconds(100))
         }
-        throw ChainClientError(status: 0, code: "timeout", message: "transaction \(hash) was not committed within \(timeout)")
+        throw ChainClientError(status: 0, code: "timeout", message: "transaction \(hash) was not committed within \(timeout); query it later with `emc query tx \(hash)`")
     }
 }
 
@@ -81,9 +147,13 @@ public enum DevnetGenesis {
         public init(directory: String) { self.directory = directory }
     }
 
+    /// Epochs of a devnet: 20 blocks (about 20 s) instead of mainnet's 900, so validator-set changes show quickly.
+    public static let epochLengthBlocks: UInt64 = 20
+
     /// Writes a new genesis for `endpoints.count` validators (endpoint i is validator i's peer address).
     @discardableResult
-    public static func create(directory: String, chainID: String, endpoints: [String], overwrite: Bool = false) throws -> Genesis {
+    public static func create(directory: String, chainID: String, endpoints: [String], overwrite: Bool = false,
+                              epochLengthBlocks: UInt64 = DevnetGenesis.epochLengthBlocks) throws -> Genesis {
         let layout = Layout(directory: directory)
         if !overwrite, FileManager.default.fileExists(atPath: layout.genesisPath) {
             throw ChainError.genesis("\(layout.genesisPath) already exists; pass --force to replace it")
@@ -99,8 +169,10 @@ public enum DevnetGenesis {
         }
         let funded = SigningKey()
         try KeyFile.write(funded, to: layout.fundedKeyPath, overwrite: true)
+        var parameters = LedgerParameters.standard
+        parameters.epochLengthBlocks = epochLengthBlocks
         let genesis = Genesis.devnet(chainID: chainID, genesisTimeMillis: wallClockMillis(), validators: validators,
-                                     fundedAccounts: [Account(owner: funded.publicKey)])
+                                     fundedAccounts: [Account(owner: funded.publicKey)], parameters: parameters)
         do { try genesis.validate() } catch { throw ChainError.genesis("\(error)") }
         try genesis.encodedJSON().write(to: URL(fileURLWithPath: layout.genesisPath), options: .atomic)
         return genesis

@@ -4,6 +4,10 @@ import EdgeMatrixCore
 import EdgeMatrixLedger
 import Foundation
 
+// The chain CLI follows one convention: transactions are `emc tx <module> <verb>`, reads are `emc query <what>`,
+// and every read takes `--json` (without it, a readable table or summary). Every transaction is signed locally
+// with `--key` and waits for its commit unless `--no-wait`.
+
 /// `--node URL`, defaulting to $EMC_NODE_URL.
 struct NodeOption: ParsableArguments {
     @Option(help: "A validator's HTTP API, e.g. http://127.0.0.1:8120 (default $EMC_NODE_URL).") var node: String?
@@ -16,19 +20,92 @@ struct NodeOption: ParsableArguments {
     }
 }
 
+/// `--json` on every read.
+struct OutputOption: ParsableArguments {
+    @Flag(help: "Print JSON instead of a readable summary.") var json = false
+}
+
+/// A command-line mistake or a refused operation, said plainly. Exits with status 1.
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
 func printJSON(_ object: Any) {
     let data = (try? JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes])) ?? Data()
     say(String(decoding: data, as: UTF8.self))
 }
 
+/// Prints rows as columns padded to their widest cell.
+func printTable(_ header: [String], _ rows: [[String]]) {
+    let all = [header] + rows
+    let widths = header.indices.map { column in all.map { $0.indices.contains(column) ? $0[column].count : 0 }.max() ?? 0 }
+    for row in all {
+        let cells = row.enumerated().map { i, cell in
+            i == row.count - 1 ? cell : cell.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+        }
+        say(cells.joined(separator: "  "))
+    }
+}
+
+/// Reads a signing key, saying which option it came from when it cannot be used.
+func loadSigningKey(_ path: String, option: String) throws -> SigningKey {
+    do { return try KeyFile.read(from: absolute(path)) } catch {
+        throw CLIError("\(option) \(path): \(error)")
+    }
+}
+
 /// An account given as ICRC-1 text, a 64-hex-digit public key, or a key file path.
 func parseAccountArgument(_ text: String) throws -> Account {
     if FileManager.default.fileExists(atPath: absolute(text)) {
-        return Account(owner: try KeyFile.read(from: absolute(text)).publicKey)
+        return Account(owner: try loadSigningKey(text, option: "account key file").publicKey)
     }
     if text.count == 64, let key = try? PublicKey(hex: text) { return Account(owner: key) }
-    do { return try Account(text: text) } catch { throw ValidationError("invalid account '\(text)': \(error)") }
+    do { return try Account(text: text) } catch {
+        throw CLIError("invalid account '\(text)': \(error); give ICRC-1 account text, a 64-hex-digit public key or a key file")
+    }
 }
+
+/// A public key given as 64 hex digits or as a key file path.
+func parsePublicKeyArgument(_ text: String, option: String) throws -> PublicKey {
+    if text.count == 64, Hex.decode(text) != nil {
+        do { return try PublicKey(hex: text) } catch { throw CLIError("\(option) \(text): \(error)") }
+    }
+    return try loadSigningKey(text, option: option).publicKey
+}
+
+/// Parses an EMC amount given on the command line; zero is refused (it can only be a mistake).
+func parseAmountArgument(_ text: String, option: String) throws -> Amount {
+    let value: Amount
+    do { value = try Amount(parsing: text) } catch { throw CLIError("invalid \(option) '\(text)': \(error)") }
+    guard value > .zero else { throw CLIError("invalid \(option) '\(text)': the amount must be more than 0") }
+    return value
+}
+
+/// The current time in milliseconds since 1970 (a transaction's created_at_time).
+func nowMillis() -> UInt64 {
+    UInt64(exactly: (Date().timeIntervalSince1970 * 1000).rounded(.down)) ?? 0
+}
+
+/// A 64-hex-digit transaction hash, checked before it goes into a URL.
+func checkedHash(_ text: String) throws -> String {
+    guard Hash32(hex: text) != nil else { throw CLIError("'\(text)' is not a transaction hash: expected 64 hex digits") }
+    return text.lowercased()
+}
+
+/// `--role` values.
+enum RoleArgument: String, ExpressibleByArgument, CaseIterable {
+    case validator, router, compute
+    var role: NodeRole {
+        switch self {
+        case .validator: .validator
+        case .router: .router
+        case .compute: .compute
+        }
+    }
+}
+
+// MARK: - Genesis
 
 struct GenesisCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "genesis", abstract: "Create genesis files.",
@@ -53,6 +130,9 @@ struct GenesisCommand: AsyncParsableCommand {
 
         func validate() throws {
             guard (1...100).contains(validators) else { throw ValidationError("--validators must be between 1 and 100") }
+            guard (1...65535).contains(basePort), basePort <= 65536 - validators else {
+                throw ValidationError("--base-port must leave room for \(validators) ports below 65536")
+            }
             if let endpoints, endpoints.split(separator: ",").count != validators {
                 throw ValidationError("--endpoints must list exactly \(validators) addresses")
             }
@@ -73,8 +153,57 @@ struct GenesisCommand: AsyncParsableCommand {
     }
 }
 
+// MARK: - Transactions
+
+/// What every transaction command shares: the signing key, the node, waiting and output.
+struct TxOptions: ParsableArguments {
+    @Option(help: "Key file of the signing account (sender, stake owner or node owner).") var key: String
+    @Flag(help: "Return once the node accepted the transaction instead of waiting for the commit.") var noWait = false
+    @Flag(help: "Print the result as JSON.") var json = false
+    @OptionGroup var node: NodeOption
+
+    func signer() throws -> SigningKey { try loadSigningKey(key, option: "--key") }
+
+    /// Signs `kind` for the node's chain, submits it and (unless --no-wait) waits for the outcome. Prints the
+    /// result; a transaction that failed in its block exits with status 1. Returns the committed tx JSON.
+    @discardableResult
+    func submit(_ makeKind: (_ chainID: String) throws -> TransactionKind, signer: SigningKey, client: ChainClient,
+                extra: (([String: Any]) async throws -> [String: Any])? = nil) async throws -> [String: Any]? {
+        let chainID = try await client.chainID()
+        let body = TransactionBody(chainID: chainID, createdAtMillis: nowMillis(), kind: try makeKind(chainID))
+        let tx = Transaction(signing: body, with: signer)
+        let hash = try await client.submit(tx)
+        if noWait {
+            if json { printJSON(["hash": hash, "status": "pending"]) } else { say("pending  \(hash)\n(check it with: emc query tx \(hash))") }
+            return nil
+        }
+        var result = try await client.waitForCommit(hash: hash)
+        let committed = result["status"] as? String == "committed"
+        if committed, let extra { result.merge(try await extra(result)) { $1 } }
+        if json {
+            printJSON(result)
+        } else if committed {
+            say("committed  \(body.kind.name)  block \(result["height"] ?? "?") tx \(result["index"] ?? "?")  hash \(hash)")
+            for key in ["stake_id", "node_id", "node_key"] where result[key] != nil { say("\(key): \(result[key]!)") }
+        }
+        guard committed else {
+            let error = result["error"] as? [String: Any]
+            throw CLIError("transaction \(hash) failed in block \(result["height"] ?? "?"): \(error?["code"] ?? "error"): \(error?["message"] ?? "unknown")")
+        }
+        return result
+    }
+}
+
 struct Tx: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Sign and submit transactions.", subcommands: [Transfer.self])
+    static let configuration = CommandConfiguration(
+        abstract: "Sign and submit transactions: emc tx <module> <verb>.",
+        discussion: """
+        Modules: token (transfer), stake (bond, unbond, withdraw), node (register, update, retire). `emc tx transfer` \
+        is short for `emc tx token transfer`. Each command signs with --key, submits to --node (default \
+        $EMC_NODE_URL) and waits until the transaction is in a block; a transaction the chain refuses prints why and \
+        exits with status 1. Fees are the ledger's transfer fee, burned.
+        """,
+        subcommands: [Transfer.self, Token.self, Stake.self, NodeTx.self])
 
     struct Transfer: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -82,75 +211,377 @@ struct Tx: AsyncParsableCommand {
         @Option(help: "Recipient: ICRC-1 account text, a hex public key, or a key file.") var to: String
         @Option(help: "Amount in EMC, up to 8 decimals, e.g. 12.5.") var amount: String
         @Option(help: "Memo text (at most 32 bytes).") var memo: String?
-        @Option(help: "Key file of the sending account.") var key: String
-        @Flag(help: "Return once the node accepted the transaction instead of waiting for the commit.") var noWait = false
-        @OptionGroup var node: NodeOption
+        @OptionGroup var tx: TxOptions
 
         func run() async throws {
-            let client = try node.client()
+            let client = try tx.node.client()
             let recipient = try parseAccountArgument(to)
-            let value: Amount
-            do { value = try Amount(parsing: amount) } catch { throw ValidationError("invalid --amount '\(amount)': \(error)") }
-            let signer = try KeyFile.read(from: absolute(key))
-            let status = try await client.get("/status")
-            guard let chainID = status["chain_id"] as? String else { throw ValidationError("the node did not report a chain id") }
-            let body = TransactionBody(chainID: chainID, createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
-                                       kind: .transfer(.init(to: recipient, amount: value, memo: memo.map { Array($0.utf8) })))
-            let tx = Transaction(signing: body, with: signer)
-            let hash = try await client.submit(tx)
-            if noWait {
-                printJSON(["hash": hash, "status": "pending"])
-                return
+            let value = try parseAmountArgument(amount, option: "--amount")
+            let memoBytes = memo.map { Array($0.utf8) }
+            if let memoBytes, memoBytes.count > TransactionLimits.maxMemoBytes {
+                throw CLIError("--memo is \(memoBytes.count) bytes; a memo can never exceed \(TransactionLimits.maxMemoBytes) (the chain's own limit, 32 by default, may be lower)")
             }
-            let result = try await client.waitForCommit(hash: hash)
-            printJSON(result)
-            if result["status"] as? String != "committed" { throw ExitCode(1) }
+            let signer = try tx.signer()
+            try await tx.submit({ _ in .transfer(.init(to: recipient, amount: value, memo: memoBytes)) }, signer: signer, client: client)
+        }
+    }
+
+    struct Token: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "EMC token transactions.", subcommands: [Transfer.self])
+    }
+
+    // MARK: stake
+
+    struct Stake: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Bond, unbond and withdraw stakes.",
+            discussion: """
+            A stake locks EMC for a role (validator, router, compute) for at least the role's minimum lock. A bonded \
+            stake backs one registered node. Unbonding stops it counting (a stake that backs an active node cannot be \
+            unbonded: retire the node first); withdrawing returns it once its lock has ended.
+            """,
+            subcommands: [Bond.self, Unbond.self, Withdraw.self])
+
+        struct Bond: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Lock EMC from the --key account as stake for a role; prints the new stake's id.")
+            @Option(help: "The role the stake is for: validator, router or compute.") var role: RoleArgument
+            @Option(help: "Amount in EMC, up to 8 decimals (at least the role's minimum: compute 100, router 100000, validator 1000000 by default).")
+            var amount: String
+            @Option(help: "Days the stake stays locked (at least the role's minimum: compute 7, router 180, validator 360 by default).")
+            var lockDays: UInt32
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let value = try parseAmountArgument(amount, option: "--amount")
+                let signer = try tx.signer()
+                let before = Set(try await client.stakes(ownedBy: signer.publicKey).compactMap { $0["id"] as? Int })
+                let role = role.role
+                try await tx.submit({ _ in .bond(.init(role: role, amount: value, lockDays: lockDays)) }, signer: signer, client: client) { _ in
+                    // The new stake is the one that was not there before (the committed state can trail the tx
+                    // index by a moment, so look a few times).
+                    for _ in 0..<50 {
+                        let fresh = try await client.stakes(ownedBy: signer.publicKey).filter {
+                            guard let id = $0["id"] as? Int else { return false }
+                            return !before.contains(id) && $0["role"] as? String == role.rawValue && $0["amount"] as? String == value.description
+                        }
+                        if fresh.count == 1, let id = fresh[0]["id"] { return ["stake_id": id] }
+                        try await Task.sleep(for: .milliseconds(100))
+                    }
+                    return [:]
+                }
+            }
+        }
+
+        struct Unbond: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Stop a stake counting; its EMC stays locked until the lock ends (then `emc tx stake withdraw`).")
+            @Option(help: "The stake's id (see `emc query stakes <account>`).") var stakeID: UInt64
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let signer = try tx.signer()
+                try await tx.submit({ _ in .unbond(stakeID: stakeID) }, signer: signer, client: client)
+            }
+        }
+
+        struct Withdraw: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Return an unbonded stake whose lock has ended to its owner account.")
+            @Option(help: "The stake's id (see `emc query stakes <account>`).") var stakeID: UInt64
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let signer = try tx.signer()
+                try await tx.submit({ _ in .withdraw(stakeID: stakeID) }, signer: signer, client: client)
+            }
+        }
+    }
+
+    // MARK: node
+
+    struct NodeTx: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "node",
+            abstract: "Register, update and retire nodes in the on-chain registry.",
+            discussion: """
+            --key is the owner account's key (it pays the fee and owns the node); --node-key is the node's own key \
+            (DATA_DIR/node.key). Registration carries two signatures: the owner's over the transaction and the node \
+            key's over a statement naming the owner, chain, role, endpoints and stake, so nobody can register a node \
+            key they do not hold. Retired nodes cannot come back; register a new node key instead. (The ledger has no \
+            jailing yet, so there is no unjail.)
+            """,
+            subcommands: [Register.self, Update.self, Retire.self])
+
+        struct Register: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Register a node, backed by one of the owner's bonded stakes of the same role.")
+            @Option(help: "The node's key file (it signs the registration).") var nodeKey: String
+            @Option(help: "The node's role; the backing stake must be of the same role.") var role: RoleArgument
+            @Option(help: "The bonded stake that backs the node (default: the owner's only unused bonded stake of this role).")
+            var stakeID: UInt64?
+            @Option(help: "An address where the node can be reached, e.g. https://node.example:8443 (repeat for more, at most 8).")
+            var endpoint: [String] = []
+            @OptionGroup var tx: TxOptions
+
+            func validate() throws {
+                if let problem = NodeRegistrationStatement.endpointProblem(endpoint) { throw ValidationError("--endpoint: \(problem)") }
+            }
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let owner = try tx.signer()
+                let node = try loadSigningKey(nodeKey, option: "--node-key")
+                let role = role.role
+                let stake: UInt64
+                if let stakeID { stake = stakeID } else { stake = try await Self.freeStake(client: client, owner: owner.publicKey, role: role) }
+                let endpoints = endpoint
+                try await tx.submit({ chainID in
+                    let statement = NodeRegistrationStatement(chainID: chainID, owner: owner.publicKey, nodeKey: node.publicKey,
+                                                              role: role, endpoints: endpoints, stakeID: stake)
+                    return .registerNode(NodeRegistration(statement: statement, nodeKey: node))
+                }, signer: owner, client: client) { _ in ["node_id": node.nodeID.description, "node_key": node.publicKey.hex, "stake_id": stake] }
+            }
+
+            /// The owner's only bonded stake of `role` that backs no active node.
+            static func freeStake(client: ChainClient, owner: PublicKey, role: NodeRole) async throws -> UInt64 {
+                let used = Set(try await client.nodes().filter { $0["status"] as? String != "retired" }.compactMap { $0["stake_id"] as? Int })
+                let free = try await client.stakes(ownedBy: owner).filter {
+                    $0["role"] as? String == role.rawValue && $0["status"] as? String == "bonded" && !used.contains($0["id"] as? Int ?? -1)
+                }.compactMap { ($0["id"] as? Int).flatMap(UInt64.init(exactly:)) }
+                guard free.count == 1 else {
+                    throw CLIError(free.isEmpty
+                        ? "the --key account has no bonded \(role) stake that backs no node; bond one with `emc tx stake bond --role \(role)` first"
+                        : "the --key account has \(free.count) unused bonded \(role) stakes (\(free.map(String.init).joined(separator: ", "))); choose one with --stake-id")
+                }
+                return free[0]
+            }
+        }
+
+        struct Update: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(abstract: "Change a registered node's endpoints and/or the stake behind it.")
+            @Option(help: "The node: its key file or its 64-hex-digit public key.") var nodeKey: String
+            @Option(help: "New endpoint list (repeat for more, at most 8); replaces the old list.") var endpoint: [String] = []
+            @Flag(help: "Set the node's endpoint list to empty.") var clearEndpoints = false
+            @Option(help: "Move the node to this bonded stake (same role, same owner).") var stakeID: UInt64?
+            @OptionGroup var tx: TxOptions
+
+            func validate() throws {
+                guard !endpoint.isEmpty || clearEndpoints || stakeID != nil else {
+                    throw ValidationError("nothing to change: give --endpoint, --clear-endpoints or --stake-id")
+                }
+                if clearEndpoints, !endpoint.isEmpty { throw ValidationError("--clear-endpoints and --endpoint contradict each other") }
+                if let problem = NodeRegistrationStatement.endpointProblem(endpoint) { throw ValidationError("--endpoint: \(problem)") }
+            }
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let key = try parsePublicKeyArgument(nodeKey, option: "--node-key")
+                let signer = try tx.signer()
+                let endpoints: [String]? = clearEndpoints ? [] : (endpoint.isEmpty ? nil : endpoint)
+                let stakeID = stakeID
+                try await tx.submit({ _ in .updateNode(NodeUpdate(nodeKey: key, endpoints: endpoints, stakeID: stakeID)) },
+                                    signer: signer, client: client)
+            }
+        }
+
+        struct Retire: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Retire a node for good; its stake is freed (then it can be unbonded).")
+            @Option(help: "The node: its key file or its 64-hex-digit public key.") var nodeKey: String
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let key = try parsePublicKeyArgument(nodeKey, option: "--node-key")
+                let signer = try tx.signer()
+                try await tx.submit({ _ in .retireNode(nodeKey: key) }, signer: signer, client: client)
+            }
         }
     }
 }
 
+// MARK: - Queries
+
 struct Query: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Read the chain through a validator's HTTP API (prints JSON).",
-        subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self])
+        abstract: "Read the chain through a validator's HTTP API: emc query <what> [--json].",
+        subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self])
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Chain id, latest committed height, block hash, state root, mempool size.")
         @OptionGroup var node: NodeOption
-        func run() async throws { printJSON(try await node.client().get("/status")) }
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let status = try await node.client().status()
+            if output.json { return printJSON(status) }
+            for key in status.keys.sorted() { say("\(key):".padding(toLength: 22, withPad: " ", startingAt: 0) + "\(status[key]!)") }
+        }
     }
 
     struct Balance: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "An account's balance in EMC.")
         @Argument(help: "ICRC-1 account text, a hex public key, or a key file.") var account: String
         @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
         func run() async throws {
             let account = try parseAccountArgument(account)
-            let text = account.description.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? account.description
-            printJSON(try await node.client().get("/accounts/\(text)/balance"))
+            let result = try await node.client().get("/accounts/\(ChainClient.pathComponent(account.description))/balance")
+            if output.json { return printJSON(result) }
+            say("\(result["balance"] ?? "?") EMC  \(account)  (height \(result["height"] ?? "?"))")
         }
     }
 
     struct Block: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "A committed block by height.")
-        @Argument(help: "Block height.") var height: UInt64
+        @Argument(help: "Block height (1 or more).") var height: UInt64
         @OptionGroup var node: NodeOption
-        func run() async throws { printJSON(try await node.client().get("/blocks/\(height)")) }
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let block = try await node.client().get("/blocks/\(height)")
+            if output.json { return printJSON(block) }
+            for key in ["height", "hash", "time_ms", "proposer", "tx_count", "state_root"] where block[key] != nil {
+                say("\(key):".padding(toLength: 12, withPad: " ", startingAt: 0) + "\(block[key]!)")
+            }
+            for case let tx as [String: Any] in block["transactions"] as? [Any] ?? [] {
+                say("  \(tx["hash"] ?? "?")  \(tx["kind"] ?? "?")  \(tx["from"] ?? "")" + (tx["amount"].map { "  \($0) EMC" } ?? ""))
+            }
+        }
     }
 
     struct TxQuery: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "tx", abstract: "A transaction by hash: pending, committed or failed.")
         @Argument(help: "Transaction hash (64 hex digits).") var hash: String
         @OptionGroup var node: NodeOption
-        func run() async throws { printJSON(try await node.client().get("/txs/\(hash)")) }
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let result = try await node.client().get("/txs/\(try checkedHash(hash))")
+            if output.json { return printJSON(result) }
+            var line = "\(result["status"] ?? "?")  \(result["hash"] ?? hash)"
+            if let height = result["height"] { line += "  block \(height) tx \(result["index"] ?? "?")" }
+            say(line)
+            if let error = result["error"] as? [String: Any] { say("error: \(error["code"] ?? "?"): \(error["message"] ?? "")") }
+            if let tx = result["transaction"] as? [String: Any] {
+                for key in tx.keys.sorted() { say("  \(key): \(tx[key]!)") }
+            }
+        }
     }
 
     struct Validators: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "The current validator set.")
         @OptionGroup var node: NodeOption
-        func run() async throws { printJSON(try await node.client().get("/validators")) }
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let result = try await node.client().get("/validators")
+            if output.json { return printJSON(result) }
+            say("height \(result["height"] ?? "?"), total voting power \(result["total_voting_power"] ?? "?")")
+            let rows = (result["validators"] as? [[String: Any]] ?? []).map {
+                ["\($0["node_id"] ?? "")", "\($0["voting_power"] ?? "")", ($0["endpoints"] as? [String] ?? []).joined(separator: ",")]
+            }
+            printTable(["NODE ID", "POWER", "ENDPOINTS"], rows)
+        }
+    }
+
+    struct Nodes: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Every registered node: key, role, owner, status and the stake behind it.",
+            discussion: """
+            --json prints an array; each element has node_key, node_id, role, owner (ICRC-1 account text of the owner \
+            key), owner_key, status (active, jailed or retired, as the chain reports it), stake (the backing stake's \
+            amount in EMC, or null if it is gone), stake_id, stake_status, endpoints, registered_at and, where the \
+            validator reports it, eligible (whether routers admit the node now).
+            """)
+        @Option(help: "Only nodes of this role.") var role: RoleArgument?
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let client = try node.client()
+            var nodes = try await client.nodes()
+            if let role { nodes = nodes.filter { $0["role"] as? String == role.rawValue } }
+            // The stake amounts come from each owner's stake list.
+            var stakesByOwner = [String: [Int: [String: Any]]]()
+            var elements = [[String: Any]]()
+            for record in nodes {
+                guard let keyHex = record["node_key"] as? String, let nodeKey = try? PublicKey(hex: keyHex),
+                      let ownerHex = record["owner"] as? String, let owner = try? PublicKey(hex: ownerHex) else {
+                    throw CLIError("the node returned a registry entry without valid node_key/owner keys: \(record)")
+                }
+                let stakeID = record["stake_id"] as? Int
+                // Validators that report the backing stake with each node answer from one snapshot; older ones do
+                // not, and the stake is read from the owner's stake list instead.
+                var stakeAmount = record["stake"], stakeStatus = record["stake_status"]
+                if stakeAmount == nil {
+                    if stakesByOwner[ownerHex] == nil {
+                        var byID = [Int: [String: Any]]()
+                        for stake in try await client.stakes(ownedBy: owner) { if let id = stake["id"] as? Int { byID[id] = stake } }
+                        stakesByOwner[ownerHex] = byID
+                    }
+                    let stake = stakeID.flatMap { stakesByOwner[ownerHex]?[$0] }
+                    (stakeAmount, stakeStatus) = (stake?["amount"], stake?["status"])
+                }
+                var element: [String: Any] = [
+                    "node_key": keyHex, "node_id": nodeKey.nodeID.description, "role": record["role"] ?? NSNull(),
+                    "owner": Account(owner: owner).description, "owner_key": ownerHex, "status": record["status"] ?? NSNull(),
+                    "stake": stakeAmount ?? NSNull(), "stake_id": stakeID.map { $0 as Any } ?? NSNull(), "stake_status": stakeStatus ?? NSNull(),
+                    "endpoints": record["endpoints"] ?? [], "registered_at": record["registered_at"] ?? NSNull(),
+                ]
+                if let eligible = record["eligible"] { element["eligible"] = eligible }
+                elements.append(element)
+            }
+            if output.json { return printJSON(elements) }
+            if elements.isEmpty { return say("no nodes registered" + (role.map { " with role \($0.rawValue)" } ?? "")) }
+            printTable(["NODE ID", "ROLE", "STATUS", "STAKE (EMC)", "STAKE ID", "OWNER", "ENDPOINTS"], elements.map { e in
+                let status = "\(e["status"]!)" + ((e["eligible"] as? Bool) == false && e["status"] as? String == "active" ? " (not eligible)" : "")
+                return ["\(e["node_id"]!)", "\(e["role"]!)", status, e["stake"] as? String ?? "-", "\(e["stake_id"]!)",
+                 "\(e["owner"]!)", (e["endpoints"] as? [String] ?? []).joined(separator: ",")]
+            })
+        }
+    }
+
+    struct Stakes: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "The stakes an account's owner key holds (all its subaccounts).",
+            discussion: """
+            --json prints an array; each element has id, owner, role, amount (EMC), lock_days, bonded_at_ms, \
+            unlocks_at_ms, status (bonded or unbonding) and node_key (the active node it backs, or null).
+            """)
+        @Argument(help: "ICRC-1 account text, a hex public key, or a key file.") var account: String
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let client = try node.client()
+            let account = try parseAccountArgument(account)
+            let stakes = try await client.stakes(ownedBy: account.owner)
+            var backing = [Int: String]()
+            for record in try await client.nodes() where record["status"] as? String != "retired" {
+                if let id = record["stake_id"] as? Int, let key = record["node_key"] as? String { backing[id] = key }
+            }
+            let elements = stakes.map { stake -> [String: Any] in
+                var element = stake
+                element["node_key"] = (stake["id"] as? Int).flatMap { backing[$0] }.map { $0 as Any } ?? NSNull()
+                return element
+            }
+            if output.json { return printJSON(elements) }
+            if elements.isEmpty { return say("no stakes held by \(account.owner.hex)") }
+            printTable(["ID", "ROLE", "AMOUNT (EMC)", "STATUS", "LOCK DAYS", "UNLOCKS AT (ms)", "BACKS NODE"], elements.map { e in
+                ["\(e["id"] ?? "")", "\(e["role"] ?? "")", "\(e["amount"] ?? "")", "\(e["status"] ?? "")", "\(e["lock_days"] ?? "")",
+                 "\(e["unlocks_at_ms"] ?? "")", (e["node_key"] as? String).flatMap { try? PublicKey(hex: $0) }?.nodeID.description ?? "-"]
+            })
+        }
     }
 }
+
+// MARK: - Benchmarks
 
 struct Bench: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Benchmarks.", subcommands: [ChainBenchCommand.self])

