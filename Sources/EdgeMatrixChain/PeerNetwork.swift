@@ -197,7 +197,7 @@ final class PeerNetwork: Sendable {
         }
         try await client.bidirectionalStreaming(
             request: request, descriptor: PeerService.gossip,
-            serializer: CanonicalSerializer<PeerFrame>(), deserializer: CanonicalDeserializer<PeerFrame>(),
+            serializer: ProtobufWireSerializer<PeerFrame>(), deserializer: ProtobufWireDeserializer<PeerFrame>(),
             options: .defaults
         ) { [self] response in
             var inbound = response.messages.makeAsyncIterator()
@@ -235,7 +235,7 @@ final class PeerNetwork: Sendable {
         options.timeout = .seconds(10)
         return try await client.unary(
             request: ClientRequest(message: BlockRangeRequest(from: start, limit: limit)), descriptor: PeerService.getBlocks,
-            serializer: CanonicalSerializer<BlockRangeRequest>(), deserializer: CanonicalDeserializer<BlockRangeResponse>(),
+            serializer: ProtobufWireSerializer<BlockRangeRequest>(), deserializer: ProtobufWireDeserializer<BlockRangeResponse>(),
             options: options
         ) { try $0.message }
     }
@@ -257,8 +257,8 @@ struct PeerEndpoint: RegistrableRPCService {
     func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
         router.registerHandler(
             forMethod: PeerService.gossip,
-            deserializer: CanonicalDeserializer<PeerFrame>(),
-            serializer: CanonicalSerializer<PeerFrame>()
+            deserializer: ProtobufWireDeserializer<PeerFrame>(),
+            serializer: ProtobufWireSerializer<PeerFrame>()
         ) { request, _ in
             StreamingServerResponse { writer in
                 try await gossip(request.messages, writer: writer)
@@ -267,8 +267,8 @@ struct PeerEndpoint: RegistrableRPCService {
         }
         router.registerHandler(
             forMethod: PeerService.getBlocks,
-            deserializer: CanonicalDeserializer<BlockRangeRequest>(),
-            serializer: CanonicalSerializer<BlockRangeResponse>()
+            deserializer: ProtobufWireDeserializer<BlockRangeRequest>(),
+            serializer: ProtobufWireSerializer<BlockRangeResponse>()
         ) { request, _ in
             let message = try await ServerRequest(stream: request).message
             return StreamingServerResponse(single: ServerResponse(message: try blocks(message)))

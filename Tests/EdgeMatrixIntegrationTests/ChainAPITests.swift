@@ -206,8 +206,8 @@ extension Integration {
             for _ in 0..<2000 {
                 let bytes = (0..<Int.random(in: 0..<200, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) }
                 _ = try? ChainBlock(canonicalBytes: bytes)
-                _ = try? PeerFrame(canonicalBytes: bytes)
-                _ = try? BlockRangeResponse(canonicalBytes: bytes)
+                _ = try? PeerFrame(protobufBytes: bytes)
+                _ = try? BlockRangeResponse(protobufBytes: bytes)
             }
             var truncated = block.canonicalBytes
             truncated.removeLast()

@@ -465,7 +465,7 @@ struct HostilePeer {
                 do {
                     try await client.bidirectionalStreaming(
                         request: request, descriptor: PeerService.gossip,
-                        serializer: CanonicalSerializer<PeerFrame>(), deserializer: CanonicalDeserializer<PeerFrame>(),
+                        serializer: ProtobufWireSerializer<PeerFrame>(), deserializer: ProtobufWireDeserializer<PeerFrame>(),
                         options: .defaults
                     ) { response in
                         var inbound = response.messages.makeAsyncIterator()

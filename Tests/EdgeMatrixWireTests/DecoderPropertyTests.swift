@@ -3,6 +3,7 @@ import EdgeMatrixConsensus
 import EdgeMatrixCore
 import EdgeMatrixLedger
 import EdgeMatrixNetwork
+import Foundation
 import PropertyBased
 import Testing
 
@@ -11,17 +12,34 @@ import Testing
 /// Two properties for each: decoding never traps (the test process would die), and whatever decodes is canonical:
 /// encoding the decoded value gives back exactly the input bytes. A decoder that accepted two encodings of one value
 /// would let a relayer change the bytes (and a transaction's id, a block's hash) without changing what they mean.
+///
+/// Protobuf messages (the gRPC framing of proto/) are not canonical, and nothing signed is ever their encoding. For
+/// them: decoding never traps, valid samples round-trip, and whatever decodes re-encodes to a stable form (decoding
+/// the re-encoding and encoding again gives the same bytes).
 @Suite("Wire decoders under random and mutated input")
 struct DecoderPropertyTests {
     /// A decoder under test: its valid samples and its decode/encode pair.
     struct Codec: Sendable, CustomStringConvertible {
         let name: String
         let samples: [[UInt8]]
+        var isCanonical = true
         let reencode: @Sendable ([UInt8]) throws -> [UInt8]
         var description: String { name }
 
         static func canonical<T: CanonicalCodable>(_ type: T.Type, _ samples: [T]) -> Codec {
             Codec(name: "\(T.self)", samples: samples.map(\.canonicalBytes)) { try T(canonicalBytes: $0).canonicalBytes }
+        }
+
+        static func protobuf<T: ProtobufWireMessage>(_ type: T.Type, _ samples: [T]) -> Codec {
+            Codec(name: "\(T.self) (protobuf)", samples: samples.map { try! $0.protobufBytes() }, isCanonical: false) {
+                try T(protobufBytes: $0).protobufBytes()
+            }
+        }
+
+        /// The property for input that decoded to `again`: canonical codecs give back the input; protobuf ones a
+        /// stable re-encoding.
+        func check(_ input: [UInt8], decodedTo again: [UInt8]) {
+            if isCanonical { #expect(again == input) } else { #expect((try? reencode(again)) == again, "\(name): unstable re-encoding") }
         }
     }
 
@@ -66,11 +84,15 @@ struct DecoderPropertyTests {
             .canonical(WALRecord.self, [.signed(.vote(vote)), .value(height: 3, bytes: [9, 9]),
                                         .state(ConsensusSnapshot(height: 3, round: 1, step: .prevote, lockedRound: 0,
                                                                  lockedValue: Hash32.of([3]), validRound: nil, validValue: nil))]),
-            .canonical(PeerFrame.self, [.hello(nodeKey: key.publicKey, nonce: [UInt8](repeating: 1, count: 32), chainID: "emc-test"),
-                                        .consensus(ConsensusMessage.vote(vote).canonicalBytes), .tx(transfer.encoded),
-                                        .status(height: .max), .rejected(code: "x", message: "y"), .accepted]),
-            .canonical(BlockRangeRequest.self, [BlockRangeRequest(from: .max, limit: .max)]),
-            .canonical(BlockRangeResponse.self, [BlockRangeResponse(latestHeight: 9, blocks: [.init(value: block.canonicalBytes, certificate: [1])])]),
+            .protobuf(PeerFrame.self, [.hello(nodeKey: key.publicKey, nonce: [UInt8](repeating: 1, count: 32), chainID: "emc-test"),
+                                       .challenge(nodeKey: other.publicKey, nonce: [UInt8](repeating: 2, count: 32),
+                                                  signature: key.sign([1], domain: .peerHandshake)),
+                                       .auth(signature: [UInt8](repeating: 3, count: 64)),
+                                       .consensus(ConsensusMessage.vote(vote).canonicalBytes), .tx(transfer.encoded),
+                                       .status(height: .max), .rejected(code: "x", message: "y"), .accepted]),
+            .protobuf(BlockRangeRequest.self, [BlockRangeRequest(from: .max, limit: .max), BlockRangeRequest(from: 1, limit: 100)]),
+            .protobuf(BlockRangeResponse.self, [BlockRangeResponse(latestHeight: 9, blocks: [.init(value: block.canonicalBytes, certificate: [1]),
+                                                                                            .init(value: [2], certificate: [3, 4])])]),
             .canonical(ReceiptBody.self, [receipt]),
             .canonical(NodeControlMessage.self, [.hello(nodeNonce: [UInt8](repeating: 2, count: 32)),
                                                  .status(inFlight: .max, healthyApps: ["llm", ""]),
@@ -91,7 +113,7 @@ struct DecoderPropertyTests {
     @Test("random bytes never trap, and whatever decodes is canonical", arguments: codecs)
     func randomBytes(codec: Codec) async {
         await propertyCheck(count: 400, input: Gen.uint8().array(of: 0...300)) { bytes in
-            if let again = try? codec.reencode(bytes) { #expect(again == bytes) }
+            if let again = try? codec.reencode(bytes) { codec.check(bytes, decodedTo: again) }
         }
     }
 
@@ -109,7 +131,7 @@ struct DecoderPropertyTests {
             case 2: bytes.insert(value, at: bytes.isEmpty ? 0 : at)
             default: bytes = Array(bytes.prefix(at))
             }
-            if let again = try? codec.reencode(bytes) { #expect(again == bytes) }
+            if let again = try? codec.reencode(bytes) { codec.check(bytes, decodedTo: again) }
         }
     }
 
@@ -122,10 +144,70 @@ struct DecoderPropertyTests {
                     for start in stride(from: 0, to: sample.count - 4, by: 3) {
                         var bytes = sample
                         bytes.replaceSubrange(start..<(start + 4), with: prefix)
-                        if let again = try? codec.reencode(bytes) { #expect(again == bytes, "\(codec.name) at \(start)") }
+                        if let again = try? codec.reencode(bytes) {
+                            if codec.isCanonical { #expect(again == bytes, "\(codec.name) at \(start)") } else { codec.check(bytes, decodedTo: again) }
+                        }
                     }
                 }
             }
         }
+    }
+
+    @Test("peer frames out of bounds are refused: no kind, short nonces, bad keys, long handshake fields, too many blocks")
+    func peerFrameBounds() throws {
+        func frame(_ build: (inout Edgematrix_Peer_V1_PeerFrame) -> Void) throws -> [UInt8] {
+            var frame = Edgematrix_Peer_V1_PeerFrame()
+            build(&frame)
+            return try frame.serializedBytes()
+        }
+        let key = Data(Self.key.publicKey.rawRepresentation)
+        let nonce = Data(repeating: 1, count: 32)
+        let refused: [[UInt8]] = [
+            [],  // no kind set
+            try frame { $0.hello = .with { $0.nodeKey = key; $0.nonce = Data(repeating: 1, count: 31); $0.chainID = "emc-test" } },
+            try frame { $0.hello = .with { $0.nodeKey = key; $0.nonce = Data(repeating: 1, count: 33); $0.chainID = "emc-test" } },
+            try frame { $0.hello = .with { $0.nodeKey = Data(repeating: 0, count: 31); $0.nonce = nonce; $0.chainID = "emc-test" } },
+            try frame { $0.hello = .with { $0.nodeKey = key; $0.nonce = nonce; $0.chainID = String(repeating: "c", count: 65) } },
+            try frame { $0.challenge = .with { $0.nodeKey = key; $0.nonce = nonce; $0.signature = Data(repeating: 0, count: 65) } },
+            try frame { $0.auth = .with { $0.signature = Data(repeating: 0, count: 1 << 20) } },
+            try frame { $0.rejected = .with { $0.code = "x"; $0.message = String(repeating: "m", count: 4_097) } },
+            [0x0A, 0x05, 0x0A],  // hello whose length runs past the end
+        ]
+        for bytes in refused { #expect(throws: EdgeMatrixCore.DecodingError.self) { try PeerFrame(protobufBytes: bytes) } }
+        // Hello with every field at its bound decodes.
+        let maximal = try frame { $0.hello = .with { $0.nodeKey = key; $0.nonce = nonce; $0.chainID = String(repeating: "c", count: 64) } }
+        #expect(try PeerFrame(protobufBytes: maximal) == .hello(nodeKey: Self.key.publicKey, nonce: [UInt8](nonce), chainID: String(repeating: "c", count: 64)))
+
+        // 10,001 empty entries (20 KB) are refused before they are decoded; 10,000 pass.
+        let entry: [UInt8] = [0x12, 0x00]
+        let tooMany = Array([[UInt8]](repeating: entry, count: 10_001).joined())
+        #expect(throws: EdgeMatrixCore.DecodingError.self) { try BlockRangeResponse.precheck(tooMany) }  // before swift-protobuf allocates
+        #expect(throws: EdgeMatrixCore.DecodingError.self) { try BlockRangeResponse(protobufBytes: tooMany) }
+        #expect(try BlockRangeResponse(protobufBytes: Array([[UInt8]](repeating: entry, count: 10_000).joined())).blocks.count == 10_000)
+    }
+
+    @Test("frames encoded by protoc from proto/edgematrix/peer/v1/peer.proto decode, and Swift encodes them byte for byte")
+    func protocVectors() throws {
+        // `echo 'TEXT' | protoc -Iproto --encode=edgematrix.peer.v1.MESSAGE edgematrix/peer/v1/peer.proto | xxd -p`
+        let rfc8032Key = try PublicKey(hex: "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+        let frames: [(hex: String, frame: PeerFrame)] = [
+            ("0a4e0a20d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a1220000102030405060708090a0b0c0d0e0f"
+                + "101112131415161718191a1b1c1d1e1f1a08656d632d74657374",
+             .hello(nodeKey: rfc8032Key, nonce: Array(0..<32), chainID: "emc-test")),
+            ("420b08ffffffffffffffffff01", .status(height: .max)),
+            ("2200", .accepted),
+        ]
+        for (hex, frame) in frames {
+            let bytes = try #require(Hex.decode(hex))
+            #expect(try PeerFrame(protobufBytes: bytes) == frame)
+            #expect(try frame.protobufBytes() == bytes)
+        }
+        let request = try #require(Hex.decode("08071064"))
+        #expect(try BlockRangeRequest(protobufBytes: request) == BlockRangeRequest(from: 7, limit: 100))
+        #expect(try BlockRangeRequest(from: 7, limit: 100).protobufBytes() == request)
+        let response = try #require(Hex.decode("080912070a02010212010312030a0104"))
+        let expected = BlockRangeResponse(latestHeight: 9, blocks: [.init(value: [1, 2], certificate: [3]), .init(value: [4], certificate: [])])
+        #expect(try BlockRangeResponse(protobufBytes: response) == expected)
+        #expect(try expected.protobufBytes() == response)
     }
 }
