@@ -172,7 +172,18 @@ struct ChainAPI: Sendable {
             return jsonResponse(["owner": account.owner.hex, "stakes": try encodable(view.current.ledger.stakes(ownedBy: account.owner))])
         }
         router.get("/nodes") { _, _ in
-            jsonResponse(["nodes": try encodable(view.current.ledger.allNodes)])
+            // Each record as stored, plus what a router needs to admit it: the backing stake and eligibility.
+            let s = view.current
+            let nodes = try s.ledger.allNodes.map { node -> Any in
+                guard var object = try encodable(node) as? [String: Any] else { return try encodable(node) }
+                if let stake = s.ledger.stake(id: node.stakeID) {
+                    object["stake"] = stake.amount.description
+                    object["stake_status"] = stake.status.rawValue
+                }
+                object["eligible"] = s.ledger.isEligible(node.nodeKey)
+                return object
+            }
+            return jsonResponse(["height": s.height, "nodes": nodes] as [String: Any])
         }
         router.get("/events/blocks") { _, _ in
             let stream = view.subscribe()

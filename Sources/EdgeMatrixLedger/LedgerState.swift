@@ -146,6 +146,14 @@ public struct LedgerState: Sendable {
             .sorted { $0.nodeKey.rawRepresentation.lexicographicallyPrecedes($1.nodeKey.rawRepresentation) }
     }
 
+    /// Whether a registered node may serve its role now: active, and backed by a bonded stake of its role of at
+    /// least the role's minimum (a slash can take it below). Routers admit only such compute nodes.
+    public func isEligible(_ nodeKey: PublicKey) -> Bool {
+        guard let node = nodes[nodeKey], node.status == .active, let stake = stakes[node.stakeID] else { return false }
+        return stake.status == .bonded && stake.role == node.role
+            && stake.amount >= parameters.staking.requirement(for: node.role).minimumStake
+    }
+
     /// Whether equivocation evidence with this id has already slashed (it never slashes twice).
     public func isEvidenceUsed(_ id: Hash32) -> Bool { usedEvidence.contains(id) }
 

@@ -1,0 +1,111 @@
+import EdgeMatrixChain
+import EdgeMatrixCore
+import EdgeMatrixLedger
+import Foundation
+import ServiceLifecycle
+
+/// Puts a node key on chain the way an operator joins: bond a stake of the node's role from the owner's account,
+/// then register the node (the node key signs the statement, the owner signs the transaction). Idempotent: a node
+/// that is already registered and eligible is left as it is, and an unused bonded stake of the role is reused.
+public struct NodeEnrollment: Sendable {
+    public let client: ChainClient
+    public let owner: SigningKey
+
+    public init(client: ChainClient, owner: SigningKey) {
+        self.client = client
+        self.owner = owner
+    }
+
+    public enum Failure: Error, CustomStringConvertible {
+        case retired(NodeID)
+        case notEligible(NodeID, String)
+        case failed(String, [String: Any])
+
+        public var description: String {
+            switch self {
+            case .retired(let id): "node \(id) is retired on chain; retired nodes cannot come back: use a new node key"
+            case .notEligible(let id, let why): "node \(id) is registered but cannot serve: \(why)"
+            case .failed(let what, let tx):
+                "\(what) failed: \(((tx["error"] as? [String: Any])?["message"] as? String) ?? "\(tx)")"
+            }
+        }
+    }
+
+    /// Makes `node` an eligible registered node of `role`; `progress` hears each step.
+    public func enroll(node: SigningKey, role: NodeRole, stake: Amount, lockDays: UInt32, endpoints: [String],
+                       progress: @Sendable (String) -> Void = { _ in }) async throws {
+        let chainID = try await client.chainID()
+        let nodes = try await client.nodes()
+        if let record = nodes.first(where: { $0["node_key"] as? String == node.publicKey.hex }) {
+            if record["status"] as? String == "retired" { throw Failure.retired(node.nodeID) }
+            if record["eligible"] as? Bool == true {
+                progress("node \(node.nodeID) is already registered as \(record["role"] as? String ?? "?")")
+                return
+            }
+            throw Failure.notEligible(node.nodeID, "its stake \(record["stake_id"] ?? "?") is \(record["stake_status"] ?? "missing") "
+                                      + "with \(record["stake"] ?? "nothing"); bond more and `emc tx node update --stake-id`")
+        }
+        let used = Set(nodes.compactMap { ($0["stake_id"] as? NSNumber)?.uint64Value })
+        let stakeID: UInt64
+        if let reusable = try await unusedStake(role: role, atLeast: stake, used: used) {
+            stakeID = reusable
+            progress("reusing bonded \(role.rawValue) stake \(stakeID)")
+        } else {
+            progress("bonding \(stake) EMC as \(role.rawValue) stake for \(lockDays) days")
+            try await commit(.bond(Bond(role: role, amount: stake, lockDays: lockDays)), chainID: chainID, what: "bond")
+            guard let fresh = try await unusedStake(role: role, atLeast: stake, used: used) else {
+                throw Failure.failed("bond", ["error": ["message": "the bonded stake does not show in /stakes"]])
+            }
+            stakeID = fresh
+        }
+        progress("registering node \(node.nodeID) (\(role.rawValue)) backed by stake \(stakeID)")
+        let statement = NodeRegistrationStatement(chainID: chainID, owner: owner.publicKey, nodeKey: node.publicKey, role: role,
+                                                  endpoints: endpoints, stakeID: stakeID)
+        try await commit(.registerNode(NodeRegistration(statement: statement, nodeKey: node)), chainID: chainID, what: "registration")
+    }
+
+    /// The newest bonded stake of `role` owned by the owner, not backing a node, of at least `amount`.
+    private func unusedStake(role: NodeRole, atLeast amount: Amount, used: Set<UInt64>) async throws -> UInt64? {
+        let stakes = try await client.stakes(ownedBy: owner.publicKey)
+        return stakes.compactMap { stake -> UInt64? in
+            guard stake["role"] as? String == role.rawValue, stake["status"] as? String == "bonded",
+                  let id = (stake["id"] as? NSNumber)?.uint64Value, !used.contains(id),
+                  let text = stake["amount"] as? String, let value = try? Amount(parsing: text), value >= amount else { return nil }
+            return id
+        }.max()
+    }
+
+    private func commit(_ kind: TransactionKind, chainID: String, what: String) async throws {
+        let tx = Transaction(signing: TransactionBody(chainID: chainID, createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
+                                                      kind: kind), with: owner)
+        let result = try await client.waitForCommit(hash: try await client.submit(tx))
+        guard result["status"] as? String == "committed" else { throw Failure.failed(what, result) }
+    }
+}
+
+/// The devnet's own nodes join the chain at start-up like anyone else's: once the validators commit, the funded
+/// account bonds and registers the router (publishing its tunnel address) and each compute node. Until then the
+/// router admits nobody and the compute nodes retry.
+struct DevnetEnrollment: Service {
+    let client: ChainClient
+    let owner: SigningKey
+    let router: (key: SigningKey, tunnelAddress: String)
+    let computeNodes: [SigningKey]
+    let say: @Sendable (String) -> Void
+
+    func run() async throws {
+        try await cancelWhenGracefulShutdown {
+            while !Task.isCancelled, ((try? await client.status()["height"] as? Int) ?? 0) < 1 {
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            let enrollment = NodeEnrollment(client: client, owner: owner)
+            let requirement = LedgerParameters.standard.staking
+            try await enrollment.enroll(node: router.key, role: .router, stake: requirement.router.minimumStake,
+                                        lockDays: requirement.router.minimumLockDays, endpoints: [router.tunnelAddress]) { say("chain: " + $0) }
+            for node in computeNodes {
+                try await enrollment.enroll(node: node, role: .compute, stake: Amount(emc: 1_000), lockDays: 30, endpoints: []) { say("chain: " + $0) }
+            }
+        }
+        try? await gracefulShutdown()
+    }
+}
