@@ -152,7 +152,7 @@ public struct EdgeMatrixClient: Sendable {
                     }
                     var parser = ServerSentEvents()
                     for try await buffer in response.body {
-                        for event in parser.feed(Array(buffer: buffer)) {
+                        for event in try parser.feed(Array(buffer: buffer)) {
                             if event == "[DONE]" { continuation.finish(); return }
                             let object = try JSONSerialization.jsonObject(with: Data(event.utf8)) as? [String: Any]
                             if let error = object?["error"] as? [String: Any] {
@@ -238,15 +238,20 @@ public struct EdgeMatrixClient: Sendable {
 
 /// Splits a byte stream into SSE `data:` payloads, however the bytes were chunked.
 public struct ServerSentEvents: Sendable {
+    /// One event larger than this is refused: a server that never ends an event cannot grow our memory for ever.
+    public static let maxEventBytes = 8 << 20
     private var buffer: [UInt8] = []
+    /// Where the search for the next event end resumes, so each byte is scanned about once.
+    private var scanned = 0
     public init() {}
 
-    public mutating func feed(_ bytes: [UInt8]) -> [String] {
+    public mutating func feed(_ bytes: [UInt8]) throws(ClientError) -> [String] {
         buffer.append(contentsOf: bytes)
         var events = [String]()
         while let end = eventEnd() {
             let raw = String(decoding: buffer[..<end.start], as: UTF8.self)
             buffer.removeSubrange(..<end.next)
+            scanned = 0
             let data = raw.split(separator: "\n", omittingEmptySubsequences: false)
                 .map { $0.hasSuffix("\r") ? $0.dropLast() : $0 }
                 .filter { $0.hasPrefix("data:") }
@@ -254,16 +259,24 @@ public struct ServerSentEvents: Sendable {
                 .joined(separator: "\n")
             if !data.isEmpty { events.append(data) }
         }
+        guard buffer.count <= Self.maxEventBytes else {
+            throw .streamError(code: "event_too_large", message: "a server-sent event exceeds \(Self.maxEventBytes) bytes")
+        }
         return events
     }
 
-    private func eventEnd() -> (start: Int, next: Int)? {
-        var i = 0
+    private mutating func eventEnd() -> (start: Int, next: Int)? {
+        var i = scanned
         while i + 1 < buffer.count {
             if buffer[i] == 10, buffer[i + 1] == 10 { return (i, i + 2) }
-            if i + 3 < buffer.count, buffer[i] == 13, buffer[i + 1] == 10, buffer[i + 2] == 13, buffer[i + 3] == 10 { return (i, i + 4) }
+            if buffer[i] == 13, buffer[i + 1] == 10 {
+                // A CR LF CR LF end may still be arriving: look at it again once more bytes are here.
+                guard i + 3 < buffer.count else { break }
+                if buffer[i + 2] == 13, buffer[i + 3] == 10 { return (i, i + 4) }
+            }
             i += 1
         }
+        scanned = i
         return nil
     }
 }

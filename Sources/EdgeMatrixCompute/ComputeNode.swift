@@ -163,5 +163,6 @@ public final class ComputeNode: Service, WorkServer {
         await emit(.end(receiptBody: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))
     }
 
-    static func nowMillis() -> UInt64 { UInt64(Date().timeIntervalSince1970 * 1000) }
+    /// A clock set before 1970 reads as 0 rather than trapping.
+    static func nowMillis() -> UInt64 { UInt64(max(0, Date().timeIntervalSince1970) * 1000) }
 }

@@ -93,7 +93,7 @@ public struct HTTPLocalApp: LocalApp {
         } catch {
             throw LocalAppError.unreachable(app: name, reason: "\(error)")
         }
-        return LocalAnswer(status: UInt16(response.status.code),
+        return LocalAnswer(status: UInt16(clamping: response.status.code),
                            contentType: response.headers.first(name: "content-type") ?? "application/octet-stream",
                            body: response.body)
     }
@@ -111,7 +111,7 @@ public enum UsageMeter {
         if !isSSE {
             guard let object = try? JSONSerialization.jsonObject(with: Data(answer)) as? [String: Any] else { return WorkUnits() }
             var units = usage(in: object) ?? WorkUnits()
-            if (object["object"] as? String) == "list", let data = object["data"] as? [Any] { units.items = UInt64(data.count) }
+            if (object["object"] as? String) == "list", let data = object["data"] as? [Any] { units.items = UInt64(clamping: data.count) }
             return units
         }
         // Streams: take a usage block if the server sent one; otherwise count content deltas (one token each).
@@ -130,8 +130,14 @@ public enum UsageMeter {
 
     private static func usage(in object: [String: Any]) -> WorkUnits? {
         guard let usage = object["usage"] as? [String: Any] else { return nil }
-        return WorkUnits(promptTokens: (usage["prompt_tokens"] as? NSNumber)?.uint64Value ?? 0,
-                         completionTokens: (usage["completion_tokens"] as? NSNumber)?.uint64Value ?? 0)
+        return WorkUnits(promptTokens: count(usage["prompt_tokens"]), completionTokens: count(usage["completion_tokens"]))
+    }
+
+    /// A token count from the app's JSON: a negative, fractional or absurd number counts as 0, never wraps.
+    private static func count(_ value: Any?) -> UInt64 {
+        guard let number = value as? NSNumber, let exact = Int64(exactly: number.doubleValue),
+              (0...(1 << 40)).contains(exact) else { return 0 }
+        return UInt64(exact)
     }
 
     private static func hasContent(_ choice: [String: Any]) -> Bool {

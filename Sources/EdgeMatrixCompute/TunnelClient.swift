@@ -117,7 +117,11 @@ struct TunnelClient: Sendable {
             default: throw TunnelError.protocolViolation("expected accepted or rejected after register")
             }
             logger.info("registered with router", metadata: ["router": "\(router.address)", "router_id": "\(routerKey.nodeID.short)"])
-            for receipt in await outbox.unacknowledged() {
+            let unacknowledged = await outbox.unacknowledged(for: routerKey.nodeID)
+            if !unacknowledged.isEmpty {
+                logger.info("re-delivering unacknowledged receipts", metadata: ["router": "\(router.address)", "count": "\(unacknowledged.count)"])
+            }
+            for receipt in unacknowledged {
                 sink.yield(.receipt(bodyBytes: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))
             }
             try await withThrowingTaskGroup(of: Void.self) { group in
@@ -131,7 +135,21 @@ struct TunnelClient: Sendable {
                     }
                 }
                 while let message = try await inbound.next() {
-                    if case .receiptAck(let id) = message { await outbox.acknowledge(id) }
+                    switch message {
+                    case .receiptAck(let id):
+                        await acknowledge(id)
+                    case .rejected(RouterControlMessage.receiptRefusedCode, let idHex):
+                        // The router will never countersign it (it lost its record, or the receipt is wrong):
+                        // keeping it would only get this node dropped again after every reconnect.
+                        if let id = Hash32(hex: idHex), let receipt = await outbox.acknowledge(id) {
+                            Counter(label: "emc_compute_receipts_refused_total").increment()
+                            logger.error("router refused a receipt; dropped it", metadata: [
+                                "router": "\(router.address)", "request": "\(receipt.body.requestID)", "receipt": "\(idHex)",
+                            ])
+                        }
+                    default:
+                        break
+                    }
                 }
                 group.cancelAll()
                 throw TunnelError.controlStreamClosed
@@ -139,23 +157,35 @@ struct TunnelClient: Sendable {
         }
     }
 
+    /// Removes an acknowledged receipt from the outbox. The log line is the node's own record of what the router
+    /// acknowledged (tests and operators compare it with the router's store).
+    private func acknowledge(_ id: Hash32) async {
+        guard let receipt = await outbox.acknowledge(id) else { return }
+        logger.debug("receipt acknowledged", metadata: ["request": "\(receipt.body.requestID)", "receipt": "\(id.hex)"])
+    }
+
     /// Keeps one Work stream open at a time: offer capacity, serve the assigned request, repeat.
     private func workLoop(_ client: GRPCClient<HTTP2ClientTransport.Posix>, token: [UInt8], routerID: NodeID,
                           control: AsyncStream<NodeControlMessage>.Continuation) async throws {
         while !Task.isCancelled {
-            let (outbound, sink) = AsyncStream<NodeWorkMessage>.makeStream()
-            sink.yield(.ready(sessionToken: token))
+            // Bounded: an app answering faster than the router reads waits here, instead of piling up in memory.
+            let sink = BoundedChannel<NodeWorkMessage>(maxMessages: 64, maxBytes: 1 << 20, size: NodeWorkMessage.bufferedSize)
+            await sink.send(.ready(sessionToken: token))
             let request = StreamingClientRequest<NodeWorkMessage> { writer in
-                for await message in outbound { try await writer.write(message) }
+                while let message = try await sink.next() { try await writer.write(message) }
             }
+            var options = CallOptions.defaults
+            // An assignment carries a request body of up to 16 MiB.
+            options.maxResponseMessageBytes = 32 << 20
             let assigned = try await client.bidirectionalStreaming(
                 request: request, descriptor: TunnelService.work,
                 serializer: CanonicalSerializer<NodeWorkMessage>(), deserializer: CanonicalDeserializer<RouterWorkMessage>(),
-                options: .defaults
+                options: options
             ) { response in
                 defer { sink.finish() }
                 var inbound = response.messages.makeAsyncIterator()
                 guard case .assign(let work)? = try await inbound.next() else { return false }
+                logger.debug("request assigned", metadata: ["request": "\(work.requestID)"])
                 let receiptID = ReceiptIDBox()
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask {
@@ -164,8 +194,9 @@ struct TunnelClient: Sendable {
                                let receipt = try? Receipt(bodyBytes: body, nodeSignature: signature) {
                                 await outbox.add(receipt)
                                 receiptID.set(receipt.id)
+                                logger.debug("receipt signed", metadata: ["request": "\(receipt.body.requestID)"])
                             }
-                            sink.yield(message)
+                            await sink.send(message)
                         }
                         // Without a receipt there is nothing to acknowledge: close our side so the RPC ends.
                         if receiptID.get() == nil { sink.finish() }
@@ -176,7 +207,7 @@ struct TunnelClient: Sendable {
                             group.cancelAll()
                             sink.finish()
                         case .receiptAck(let id):
-                            await outbox.acknowledge(id)
+                            await acknowledge(id)
                             sink.finish()
                         case .assign: throw TunnelError.protocolViolation("second assignment on one Work stream")
                         }

@@ -133,6 +133,12 @@ public enum RouterControlMessage: Sendable, Equatable {
     case receiptAck(receiptID: Hash32)
 }
 
+extension RouterControlMessage {
+    /// `rejected` code for a re-delivered receipt the router refused; the message is the receipt id in hex, so
+    /// the node drops it rather than re-sending it after every reconnect.
+    public static let receiptRefusedCode = "receipt_refused"
+}
+
 public enum TunnelHandshake {
     public static let nonceLength = 32
 

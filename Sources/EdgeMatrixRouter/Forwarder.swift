@@ -23,7 +23,9 @@ public struct Forwarder: Sendable {
         self.logger = logger
     }
 
-    public func start(route: WorkRoute, makeRequest: @Sendable (_ appName: String) -> WorkRequest) async throws(OpenAIError) -> StartedAnswer {
+    /// `bodyBytes` is what the request holds in memory while it waits for a free slot (the wait queue is bounded by it).
+    public func start(route: WorkRoute, bodyBytes: Int = 0,
+                      makeRequest: @escaping @Sendable (_ appName: String) -> WorkRequest) async throws(OpenAIError) -> StartedAnswer {
         let started = pool.nowMs()
         var tried = Set<NodeID>()
         var attempt = 0
@@ -43,18 +45,24 @@ public struct Forwarder: Sendable {
             case .failure(.notServed):
                 throw .upstreamFailed(lastFailure)
             case .failure(.noCapacity):
-                // Capacity returns as soon as a node reopens a Work stream; wait briefly within the deadline.
+                // Capacity returns as soon as a node reopens a Work stream: wait in the FIFO queue within the deadline.
                 guard elapsed < policy.deadlineMs else { throw .noCapacity() }
-                try? await Task.sleep(for: .milliseconds(2))
-                if Task.isCancelled { throw .upstreamFailed("request cancelled") }
-                continue
+                switch await pool.waitForSlot(route: route, excluding: tried, bodyBytes: bodyBytes,
+                                              timeoutMs: policy.deadlineMs - elapsed, makeRequest: makeRequest) {
+                case .assigned(let assigned): job = assigned
+                case .timedOut: throw .noCapacity()
+                case .queueFull: throw .queueFull()
+                case .notServed:
+                    if Task.isCancelled { throw .upstreamFailed("request cancelled") }
+                    continue
+                }
             }
             attempt += 1
             tried.insert(job.nodeID)
             let assignedAt = pool.nowMs()
             let outcome = await firstMessage(of: job)
             switch outcome {
-            case .success(.head(let status, let contentType)):
+            case .success(.head(let status, let contentType)) where (200...599).contains(status):
                 await pool.recordSuccess(nodeID: job.nodeID, latencyMs: Double(pool.nowMs() - assignedAt))
                 if attempt > 1 {
                     logger.info("request failed over", metadata: ["request": "\(job.request.requestID)", "attempts": "\(attempt)"])
@@ -87,8 +95,7 @@ public struct Forwarder: Sendable {
             }
             defer { group.cancelAll() }
             do {
-                var iterator = job.responses.makeAsyncIterator()
-                if let first = try await iterator.next() { return .success(first) }
+                if let first = try await job.responses.next() { return .success(first) }
                 return .failure(.disconnected)
             } catch let failure as NodeFailure {
                 return .failure(failure)

@@ -8,18 +8,32 @@ import Metrics
 import HTTPTypes
 import NIOCore
 
-/// Checks `Authorization: Bearer <key>` against the router's hashed API keys. Valid keys are cached;
-/// an unknown key is looked up again each time, so a key made by `emc keys api` works at once.
+/// Checks `Authorization: Bearer <key>` against the router's hashed API keys. A valid key is remembered by its
+/// hash (no secret stays in memory) for at most `validity`, so a key revoked with `emc keys api revoke` stops
+/// working within that time; an unknown key is looked up each time, so a new key works at once.
 public actor APIKeyCache {
     let store: APIKeyStore
-    private var known: Set<String> = []
+    let validity: Duration
+    static let maxEntries = 10_000
+    private var checked: [Hash32: ContinuousClock.Instant] = [:]
 
-    public init(store: APIKeyStore) { self.store = store }
+    public init(store: APIKeyStore, validity: Duration = .seconds(1)) {
+        self.store = store
+        self.validity = validity
+    }
 
     public func isValid(_ key: String) -> Bool {
-        if known.contains(key) { return true }
-        guard (try? store.isValid(key)) == true else { return false }
-        known.insert(key)
+        // Anything longer than a real key is not one; hashing it would only cost time.
+        guard key.utf8.count <= 256 else { return false }
+        let hash = Hash32.of(Array(key.utf8))
+        let now = ContinuousClock.now
+        if let at = checked[hash], now - at < validity { return true }
+        guard (try? store.isValid(key)) == true else {
+            checked[hash] = nil
+            return false
+        }
+        if checked.count >= Self.maxEntries { checked.removeAll() }
+        checked[hash] = now
         return true
     }
 }
@@ -49,6 +63,8 @@ struct OpenAIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
             return try OpenAIError.notFound(request.uri.path).response(from: request, context: context)
         } catch let error as HTTPError where error.status == .contentTooLarge {
             return try OpenAIError.requestTooLarge(limit: Gateway.maxBodyBytes).response(from: request, context: context)
+        } catch let error as HTTPError where error.status == .requestTimeout {
+            return try OpenAIError.requestTimeout(seconds: Gateway.bodyReadTimeoutSeconds).response(from: request, context: context)
         }
     }
 }
@@ -56,7 +72,11 @@ struct OpenAIErrorMiddleware<Context: RequestContext>: RouterMiddleware {
 /// The OpenAI-compatible HTTP API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`
 /// (with `stream: true` as SSE), pass-through `/v1/apps/{app}/...` for REST apps, and `/metrics`.
 public struct Gateway: Sendable {
+    /// Request-body limits per route: OpenAI routes and app pass-through.
     public static let maxBodyBytes = 16 << 20
+    public static let appMaxBodyBytes = 16 << 20
+    /// A whole request body must arrive within this time (the idle timeout alone lets a client drip bytes for ever).
+    public static let bodyReadTimeoutSeconds = 60
 
     let pool: NodePool
     let forwarder: Forwarder
@@ -118,8 +138,7 @@ public struct Gateway: Sendable {
 
     func openAI(_ request: Request, context: BasicRequestContext, path: String, route: String) async throws -> Response {
         let started = ContinuousClock.now
-        let body = try await request.body.collect(upTo: Self.maxBodyBytes)
-        let bytes = Array(buffer: body)
+        let bytes = try await readBody(request, limit: Self.maxBodyBytes)
         let object: [String: Any]
         do {
             guard let parsed = try JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else {
@@ -142,7 +161,7 @@ public struct Gateway: Sendable {
         }
         let requestID = "req-" + UUID().uuidString.lowercased()
         let isStream = stream
-        let answer = try await forwarder.start(route: .model(model)) { app in
+        let answer = try await forwarder.start(route: .model(model), bodyBytes: bytes.count) { app in
             WorkRequest(requestID: requestID, app: app, model: model, method: "POST", path: path,
                         contentType: "application/json", body: bytes, stream: isStream)
         }
@@ -154,11 +173,11 @@ public struct Gateway: Sendable {
         let app = try context.parameters.require("app")
         var path = "/" + context.parameters.getCatchAll().joined(separator: "/")
         if let query = request.uri.query, !query.isEmpty { path += "?" + query }
-        let body = Array(buffer: try await request.body.collect(upTo: Self.maxBodyBytes))
+        let body = try await readBody(request, limit: Self.appMaxBodyBytes)
         let requestID = "req-" + UUID().uuidString.lowercased()
         let contentType = request.headers[.contentType] ?? "application/octet-stream"
         let targetPath = path
-        let answer = try await forwarder.start(route: .app(app)) { appName in
+        let answer = try await forwarder.start(route: .app(app), bodyBytes: body.count) { appName in
             WorkRequest(requestID: requestID, app: appName, model: "", method: request.method.rawValue, path: targetPath,
                         contentType: contentType, body: body, stream: false)
         }
@@ -178,12 +197,11 @@ public struct Gateway: Sendable {
         headers[HTTPField.Name.emcNode] = job.nodeID.description
         let body = ResponseBody { writer in
             var outcome = "ok"
-            var iterator = job.responses.makeAsyncIterator()
             do {
                 while true {
                     let message: NodeWorkMessage?
                     do {
-                        message = try await withTaskCancellationHandler { try await iterator.next() } onCancel: { job.cancel() }
+                        message = try await withTaskCancellationHandler { try await job.responses.next() } onCancel: { job.cancel() }
                     } catch is CancellationError {
                         throw CancellationError()
                     } catch {
@@ -215,7 +233,31 @@ public struct Gateway: Sendable {
                 .recordInterval(since: started)
             try await writer.finish(nil)
         }
-        return Response(status: HTTPResponse.Status(code: Int(status)), headers: headers, body: body)
+        // The tunnel endpoint admits only 200...599; checked again here because an out-of-range code traps.
+        let httpStatus = (200...599).contains(status) ? HTTPResponse.Status(code: Int(status)) : .badGateway
+        return Response(status: httpStatus, headers: headers, body: body)
+    }
+
+    /// Reads a request body of at most `limit` bytes (413 `request_too_large` beyond) within the read timeout.
+    func readBody(_ request: Request, limit: Int) async throws -> [UInt8] {
+        if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > limit {
+            throw OpenAIError.requestTooLarge(limit: limit)
+        }
+        let seconds = Self.bodyReadTimeoutSeconds
+        do {
+            return try await withThrowingTaskGroup(of: [UInt8]?.self) { group in
+                group.addTask { Array(buffer: try await request.body.collect(upTo: limit)) }
+                group.addTask {
+                    try await Task.sleep(for: .seconds(seconds))
+                    return nil
+                }
+                defer { group.cancelAll() }
+                guard let first = try await group.next(), let bytes = first else { throw OpenAIError.requestTimeout(seconds: seconds) }
+                return bytes
+            }
+        } catch let error as HTTPError where error.status == .contentTooLarge {
+            throw OpenAIError.requestTooLarge(limit: limit)
+        }
     }
 }
 

@@ -8,16 +8,24 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
     public var code: String
     public var message: String
     public var param: String?
+    /// Sent as `Retry-After` (seconds) when the client should come back later.
+    public var retryAfterSeconds: Int?
 
-    public init(status: HTTPResponse.Status, type: String, code: String, message: String, param: String? = nil) {
+    public init(status: HTTPResponse.Status, type: String, code: String, message: String, param: String? = nil,
+                retryAfterSeconds: Int? = nil) {
         self.status = status
         self.type = type
         self.code = code
         self.message = message
         self.param = param
+        self.retryAfterSeconds = retryAfterSeconds
     }
 
-    public var headers: HTTPFields { [.contentType: "application/json"] }
+    public var headers: HTTPFields {
+        var headers: HTTPFields = [.contentType: "application/json"]
+        if let retryAfterSeconds { headers[.retryAfter] = String(retryAfterSeconds) }
+        return headers
+    }
 
     public var jsonBytes: [UInt8] {
         var error: [String: Any] = ["message": message, "type": type, "code": code, "param": param ?? NSNull()]
@@ -65,7 +73,18 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
 
     public static func noCapacity() -> OpenAIError {
         OpenAIError(status: .serviceUnavailable, type: "server_error", code: "no_capacity",
-                    message: "Every compute node serving this model is busy; retry shortly.")
+                    message: "Every compute node serving this model is busy; retry shortly.", retryAfterSeconds: 1)
+    }
+
+    /// The queue of requests waiting for a free compute node is full.
+    public static func queueFull() -> OpenAIError {
+        OpenAIError(status: .tooManyRequests, type: "server_error", code: "no_capacity",
+                    message: "Too many requests are waiting for a free compute node; retry shortly.", retryAfterSeconds: 1)
+    }
+
+    public static func requestTimeout(seconds: Int) -> OpenAIError {
+        OpenAIError(status: .requestTimeout, type: "invalid_request_error", code: "request_timeout",
+                    message: "The request body did not arrive within \(seconds) s.")
     }
 
     public static func upstreamFailed(_ why: String) -> OpenAIError {

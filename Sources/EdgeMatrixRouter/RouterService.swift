@@ -4,6 +4,7 @@ import EdgeMatrixStore
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Hummingbird
+import HummingbirdCore
 import Logging
 import ServiceLifecycle
 
@@ -16,10 +17,18 @@ public struct RouterConfiguration: Sendable {
     public var dataDirectory: String
     public var selectionSeed: UInt64
     public var failover: FailoverPolicy
+    public var limits: PoolLimits
+    /// An HTTP connection with nothing to read or write for this long is closed (also a request body that stalls).
+    public var httpIdleTimeoutSeconds: Int64
+    /// Open client connections; beyond this the router stops accepting until one closes. With the per-route body
+    /// cap this bounds the memory client requests can hold.
+    public var maxHTTPConnections = 512
 
     public init(httpHost: String = "127.0.0.1", httpPort: Int = 8080, tunnelHost: String = "127.0.0.1", tunnelPort: Int = 7070,
                 dataDirectory: String, selectionSeed: UInt64 = UInt64.random(in: .min ... .max),
-                failover: FailoverPolicy = FailoverPolicy()) {
+                failover: FailoverPolicy = FailoverPolicy(), limits: PoolLimits = PoolLimits(), httpIdleTimeoutSeconds: Int64 = 30) {
+        self.limits = limits
+        self.httpIdleTimeoutSeconds = httpIdleTimeoutSeconds
         self.httpHost = httpHost
         self.httpPort = httpPort
         self.tunnelHost = tunnelHost
@@ -58,7 +67,7 @@ public struct RouterService: Service {
         self.onReady = onReady
         database = try RouterDatabase(path: configuration.databasePath)
         receipts = ReceiptStore(database: database)
-        pool = NodePool(seed: configuration.selectionSeed, logger: logger)
+        pool = NodePool(seed: configuration.selectionSeed, limits: configuration.limits, logger: logger)
     }
 
     public func run() async throws {
@@ -68,7 +77,8 @@ public struct RouterService: Service {
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.tunnelHost, port: configuration.tunnelPort),
             transportSecurity: tls.serverSecurity(),
-            config: .defaults { $0.rpc.maxRequestPayloadSize = 32 << 20 }
+            // Node messages are answer chunks (tens of KiB), receipts and heartbeats: 4 MiB bounds any one of them.
+            config: .defaults { $0.rpc.maxRequestPayloadSize = 4 << 20 }
         )
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
         let gateway = Gateway(pool: pool, forwarder: Forwarder(pool: pool, policy: configuration.failover, logger: logger),
@@ -80,8 +90,10 @@ public struct RouterService: Service {
             let tunnelPort = try await transport.listeningAddress.ipv4?.port ?? configuration.tunnelPort
             let app = Application(
                 router: gateway.makeRouter(),
+                server: .http1(configuration: .init(idleTimeout: .seconds(configuration.httpIdleTimeoutSeconds))),
                 configuration: .init(address: .hostname(configuration.httpHost, port: configuration.httpPort),
-                                     serverName: "edgematrix-router"),
+                                     serverName: "edgematrix-router",
+                                     availableConnectionsDelegate: MaximumAvailableConnections(configuration.maxHTTPConnections)),
                 onServerRunning: { channel in
                     let httpPort = channel.localAddress?.port ?? 0
                     logger.info("router ready", metadata: ["http": "\(httpPort)", "tunnel": "\(tunnelPort)"])

@@ -6,23 +6,141 @@ import Logging
 import Metrics
 import Synchronization
 
+/// Why the router refused a node's receipt. Every refusal is node misbehaviour: an honest node only signs
+/// receipts for requests it was assigned, once, over what it really sent.
+public enum ReceiptRefusal: Error, Equatable, Sendable, CustomStringConvertible {
+    case malformed(String)
+    case outOfRange(String)
+    case signature(ReceiptError)
+    /// An in-band receipt that names another request than the one on its Work stream.
+    case foreignRequest(String)
+    /// The receipt disagrees with what the router relayed (response hash or status).
+    case mismatch(String)
+    /// The receipt claims more units than the relayed bytes can hold.
+    case unitsAboveBound(String)
+    /// Unassigned, already receipted, or over other bytes than the router forwarded.
+    case refusedByStore(ReceiptAppendOutcome)
+
+    /// The `kind` label of `emc_router_node_misbehaviour_total`.
+    public var kind: String {
+        switch self {
+        case .malformed: "malformed_receipt"
+        case .outOfRange: "receipt_out_of_range"
+        case .signature: "bad_receipt_signature"
+        case .foreignRequest: "foreign_receipt"
+        case .mismatch: "receipt_mismatch"
+        case .unitsAboveBound: "units_above_relayed_bound"
+        case .refusedByStore(let outcome): outcome.rawValue
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .malformed(let why): "malformed receipt: \(why)"
+        case .outOfRange(let why): "receipt field out of range: \(why)"
+        case .signature(let error): error.description
+        case .foreignRequest(let why): "receipt for another request: \(why)"
+        case .mismatch(let why): "receipt does not match what the router relayed: \(why)"
+        case .unitsAboveBound(let why): "receipt claims more units than were relayed: \(why)"
+        case .refusedByStore(.unassigned): "receipt for a request this router never assigned to the node"
+        case .refusedByStore(.alreadyReceipted): "a different receipt for this request was already countersigned"
+        case .refusedByStore(.requestHashMismatch): "receipt's request hash is not the hash of the forwarded request"
+        case .refusedByStore(let outcome): "receipt refused (\(outcome.rawValue))"
+        }
+    }
+}
+
+/// What the router itself relayed for one request, to check the node's receipt against.
+public struct RelayedAnswer: Sendable, Equatable {
+    public var requestID: String
+    public var status: UInt16
+    public var responseHash: Hash32
+    /// Bytes of the request the router forwarded, and of the answer it relayed.
+    public var requestBytes: Int
+    public var responseBytes: Int
+
+    /// Loose bounds on the units a node may claim for what was relayed: every completion token is at least one byte
+    /// of answer, every prompt token at least one byte of request (plus a chat template's few thousand at most),
+    /// and every item at least one request byte. They stop gross inflation without second-guessing honest apps.
+    static let promptTemplateAllowance: UInt64 = 4096
+
+    func bound(_ units: WorkUnits) -> String? {
+        let request = UInt64(clamping: requestBytes), response = UInt64(clamping: responseBytes)
+        if units.completionTokens > response { return "\(units.completionTokens) completion tokens for \(response) relayed bytes" }
+        if units.promptTokens > request + Self.promptTemplateAllowance {
+            return "\(units.promptTokens) prompt tokens for a \(request)-byte request"
+        }
+        if units.items > max(1, request) { return "\(units.items) items for a \(request)-byte request" }
+        return nil
+    }
+}
+
 /// Checks a node's receipt, countersigns it and makes it durable. Returns the id to acknowledge.
 public struct ReceiptCollector: Sendable {
     let routerKey: SigningKey
     let store: ReceiptStore
+
+    static let maxRequestIDBytes = 128
+    static let maxNameBytes = 256
 
     public init(routerKey: SigningKey, store: ReceiptStore) {
         self.routerKey = routerKey
         self.store = store
     }
 
-    public func collect(bodyBytes: [UInt8], nodeSignature: [UInt8], nodeKey: PublicKey) async throws -> Hash32 {
-        var receipt = try Receipt(bodyBytes: bodyBytes, nodeSignature: nodeSignature)
-        try receipt.countersign(nodeKey: nodeKey, routerKey: routerKey)
-        try await store.append(receipt)
-        Counter(label: "emc_router_receipts_total").increment()
+    /// Every field the node controls, checked before anything is signed or stored.
+    static func validate(_ body: ReceiptBody) throws(ReceiptRefusal) {
+        guard !body.requestID.isEmpty, body.requestID.utf8.count <= maxRequestIDBytes else {
+            throw .outOfRange("request id of \(body.requestID.utf8.count) bytes")
+        }
+        guard body.app.utf8.count <= maxNameBytes, body.model.utf8.count <= maxNameBytes else {
+            throw .outOfRange("app or model name longer than \(maxNameBytes) bytes")
+        }
+        for (name, value) in [("prompt_tokens", body.units.promptTokens), ("completion_tokens", body.units.completionTokens),
+                              ("items", body.units.items), ("started_at", body.startedAtMillis), ("ended_at", body.endedAtMillis)]
+        where Int64(exactly: value) == nil {
+            throw .outOfRange("\(name) = \(value) is above \(Int64.max)")
+        }
+        guard body.startedAtMillis <= body.endedAtMillis else { throw .outOfRange("ended before it started") }
+        guard (100...599).contains(body.status) else { throw .outOfRange("status \(body.status)") }
+    }
+
+    /// `relayed` is the router's own record of the answer when the receipt arrives on the answer's Work stream;
+    /// nil for a re-delivery on the control stream, which is checked against the durable assignment only.
+    public func collect(bodyBytes: [UInt8], nodeSignature: [UInt8], nodeKey: PublicKey,
+                        relayed: RelayedAnswer?) async throws -> Hash32 {
+        var receipt: Receipt
+        do { receipt = try Receipt(bodyBytes: bodyBytes, nodeSignature: nodeSignature) } catch {
+            throw ReceiptRefusal.malformed(error.description)
+        }
+        try Self.validate(receipt.body)
+        if let relayed {
+            guard receipt.body.requestID == relayed.requestID else {
+                throw ReceiptRefusal.foreignRequest("names \(receipt.body.requestID.prefix(64)), streamed \(relayed.requestID)")
+            }
+            guard receipt.body.responseHash == relayed.responseHash, receipt.body.status == relayed.status else {
+                throw ReceiptRefusal.mismatch("response hash or status differs from the relayed answer")
+            }
+            if let excess = relayed.bound(receipt.body.units) { throw ReceiptRefusal.unitsAboveBound(excess) }
+        }
+        do { try receipt.countersign(nodeKey: nodeKey, routerKey: routerKey) } catch { throw ReceiptRefusal.signature(error) }
+        switch try await store.append(receipt) {
+        case .stored:
+            Counter(label: "emc_router_receipts_total").increment()
+        case .alreadyStored:
+            break
+        case let refused:
+            throw ReceiptRefusal.refusedByStore(refused)
+        }
         return receipt.id
     }
+}
+
+/// A message from a compute node that breaks the tunnel protocol; the node is disconnected for it.
+struct NodeViolation: Error, CustomStringConvertible {
+    var kind: String
+    var detail: String
+    var description: String { "\(kind): \(detail)" }
 }
 
 /// The router's side of the tunnel: compute nodes dial in, prove their keys, and offer Work streams.
@@ -32,6 +150,14 @@ public struct TunnelEndpoint: RegistrableRPCService {
     let receipts: ReceiptCollector
     let logger: Logger
     private let slotCounter = SlotCounter()
+
+    /// A node must finish registering within this time of opening its control stream.
+    static let registrationTimeout = Duration.seconds(10)
+    /// Status heartbeats come every 2 s from an honest node; far more than this in one second is a flood.
+    static let maxStatusPerSecond = 20
+    static let maxDescriptorBytes = 64 << 10
+    /// Error codes and messages a node reports are cut to this length before they reach logs and clients.
+    static let maxReportedText = 256
 
     public init(routerKey: SigningKey, pool: NodePool, receipts: ReceiptCollector, logger: Logger) {
         self.routerKey = routerKey
@@ -70,8 +196,38 @@ public struct TunnelEndpoint: RegistrableRPCService {
         throw RPCError(code: .unauthenticated, message: message)
     }
 
+    /// Counts and logs a node's protocol violation, and drops the node.
+    private func punish(_ violation: NodeViolation, nodeID: NodeID, number: UInt64) async {
+        Counter(label: "emc_router_node_misbehaviour_total", dimensions: [("kind", violation.kind)]).increment()
+        logger.warning("compute node misbehaved; disconnecting it", metadata: [
+            "node": "\(nodeID.short)", "kind": "\(violation.kind)", "detail": "\(violation.detail.prefix(Self.maxReportedText))",
+        ])
+        await pool.evict(nodeID: nodeID, number: number, reason: "\(violation.kind): \(violation.detail.prefix(Self.maxReportedText))")
+    }
+
+    /// Runs the control session beside a watcher that ends it when the pool evicts the node (or it never registers).
     func control(messages: RPCAsyncSequence<NodeControlMessage, any Error>,
                  writer: RPCWriter<RouterControlMessage>) async throws {
+        let (evictions, evict) = AsyncStream<String>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        let registered = Flag()
+        let deadline = Task {
+            try await Task.sleep(for: Self.registrationTimeout)
+            if !registered.isSet { evict.yield("registration not completed within \(Self.registrationTimeout)") }
+        }
+        defer { deadline.cancel() }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await controlSession(messages: messages, writer: writer, evict: evict, registered: registered) }
+            group.addTask {
+                for await reason in evictions { throw RPCError(code: .permissionDenied, message: "disconnected: \(reason)") }
+            }
+            // Whichever ends first (the session, or an eviction) ends the other.
+            try await group.next()
+            group.cancelAll()
+        }
+    }
+
+    private func controlSession(messages: RPCAsyncSequence<NodeControlMessage, any Error>, writer: RPCWriter<RouterControlMessage>,
+                                evict: AsyncStream<String>.Continuation, registered: Flag) async throws {
         var inbound = messages.makeAsyncIterator()
         guard case .hello(let nodeNonce)? = try await inbound.next(), nodeNonce.count == TunnelHandshake.nonceLength else {
             try await reject(writer, code: "bad_hello", "the first control message must be hello with a 32-byte nonce")
@@ -90,6 +246,10 @@ public struct TunnelEndpoint: RegistrableRPCService {
             try await reject(writer, code: "bad_signature",
                              "registration signature does not verify for node key \(nodeKey.hex); the node must sign with the key it registers")
         }
+        // Kept for the whole session, for each of up to `maxSessions` nodes: a few apps and model names fit easily.
+        guard descriptorBytes.count <= Self.maxDescriptorBytes else {
+            try await reject(writer, code: "bad_descriptor", "node descriptor of \(descriptorBytes.count) bytes; at most \(Self.maxDescriptorBytes)")
+        }
         let descriptor: NodeDescriptor
         do { descriptor = try NodeDescriptor(canonicalBytes: descriptorBytes) } catch {
             try await reject(writer, code: "bad_descriptor", "node descriptor: \(error.description)")
@@ -99,25 +259,55 @@ public struct TunnelEndpoint: RegistrableRPCService {
         }
 
         let nodeID = nodeKey.nodeID
-        let (token, number) = await pool.register(key: nodeKey, descriptor: descriptor)
+        let token: [UInt8], number: UInt64
+        switch await pool.register(key: nodeKey, descriptor: descriptor, evict: evict) {
+        case .accepted(let sessionToken, let sessionNumber): (token, number) = (sessionToken, sessionNumber)
+        case .full: try await reject(writer, code: "router_full", "this router serves its maximum number of compute nodes")
+        case .coolingDown:
+            try await reject(writer, code: "misbehaviour_cooldown", "this node broke the tunnel protocol recently; retry later")
+        }
+        registered.set()
+        var statusWindow = (start: ContinuousClock.now, count: 0)
         do {
             try await writer.write(.accepted(sessionToken: token))
             while let message = try await inbound.next() {
                 switch message {
                 case .status(_, let healthyApps):
+                    let now = ContinuousClock.now
+                    if now - statusWindow.start > .seconds(1) { statusWindow = (now, 0) }
+                    statusWindow.count += 1
+                    guard statusWindow.count <= Self.maxStatusPerSecond else {
+                        throw NodeViolation(kind: "flood", detail: "more than \(Self.maxStatusPerSecond) status messages in a second")
+                    }
                     await pool.updateStatus(nodeID: nodeID, healthyApps: healthyApps)
                 case .receipt(let body, let nodeSignature):
-                    let id = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey)
+                    let id: Hash32
+                    do {
+                        id = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey, relayed: nil)
+                    } catch let refusal as ReceiptRefusal {
+                        // Named by id, so an honest node whose receipt can never pass (the router lost its records)
+                        // drops it instead of re-sending it, and being dropped, after every reconnect.
+                        try? await writer.write(.rejected(code: RouterControlMessage.receiptRefusedCode, message: Hash32.of(body + nodeSignature).hex))
+                        throw NodeViolation(kind: refusal.kind, detail: refusal.description)
+                    }
                     try await writer.write(.receiptAck(receiptID: id))
                 case .hello, .register:
-                    throw RPCError(code: .failedPrecondition, message: "already registered")
+                    throw NodeViolation(kind: "out_of_order", detail: "hello or register on a registered session")
                 }
             }
             await pool.unregister(nodeID: nodeID, number: number)
+        } catch let violation as NodeViolation {
+            await punish(violation, nodeID: nodeID, number: number)
+            throw RPCError(code: .permissionDenied, message: "disconnected for \(violation.kind)")
         } catch {
             await pool.unregister(nodeID: nodeID, number: number)
             throw error
         }
+    }
+
+    /// A content type goes into the client's response headers: short, visible ASCII only.
+    static func isValidContentType(_ value: String) -> Bool {
+        !value.isEmpty && value.utf8.count <= 256 && value.utf8.allSatisfy { (0x20...0x7E).contains($0) || $0 == 0x09 }
     }
 
     func work(messages: RPCAsyncSequence<NodeWorkMessage, any Error>, writer: RPCWriter<RouterWorkMessage>) async throws {
@@ -135,40 +325,69 @@ public struct TunnelEndpoint: RegistrableRPCService {
         defer { job.commandSink.finish() }
         var ended = false
         do {
+            // Durable before the node sees the request, so its receipt can be checked even after a router restart.
+            try await receipts.store.recordAssignment(requestID: job.request.requestID, nodeID: session.nodeID,
+                                                      requestHash: Hash32.of(job.request.canonicalBytes))
             try await writer.write(.assign(job.request))
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
                     for await command in job.commands { try await writer.write(command) }
                 }
+                var headStatus: UInt16?
+                var relayedHash = StreamingHasher()
+                var relayedBytes = 0
                 // The RPC ends once the answer is complete (and its receipt acknowledged) or failed.
                 answer: while let message = try await inbound.next() {
                     switch message {
+                    case .head(let status, let contentType):
+                        guard headStatus == nil else { throw NodeViolation(kind: "out_of_order", detail: "a second head") }
+                        guard (200...599).contains(status) else {
+                            throw NodeViolation(kind: "bad_status", detail: "response status \(status)")
+                        }
+                        guard Self.isValidContentType(contentType) else {
+                            throw NodeViolation(kind: "bad_head", detail: "content type of \(contentType.utf8.count) bytes or with control characters")
+                        }
+                        headStatus = status
+                        _ = await job.responses.send(message)
+                    case .chunk(let bytes):
+                        guard headStatus != nil else { throw NodeViolation(kind: "out_of_order", detail: "a chunk before the head") }
+                        relayedHash.update(bytes)
+                        relayedBytes += bytes.count
+                        _ = await job.responses.send(message)
                     case .end(let body, let signature):
+                        guard let status = headStatus else { throw NodeViolation(kind: "out_of_order", detail: "an end before the head") }
                         ended = true
-                        job.responseSink.yield(message)
-                        job.responseSink.finish()
+                        job.responses.finish()
+                        let relayed = RelayedAnswer(requestID: job.request.requestID, status: status, responseHash: relayedHash.finalize(),
+                                                    requestBytes: job.request.body.count, responseBytes: relayedBytes)
                         do {
                             let receiptID = try await receipts.collect(bodyBytes: body, nodeSignature: signature,
-                                                                       nodeKey: session.key)
+                                                                       nodeKey: session.key, relayed: relayed)
                             job.commandSink.yield(.receiptAck(receiptID: receiptID))
+                        } catch let refusal as ReceiptRefusal {
+                            throw NodeViolation(kind: refusal.kind, detail: refusal.description)
                         } catch {
-                            logger.error("receipt refused", metadata: ["node": "\(session.nodeID.short)", "error": "\(error)"])
+                            // The store failed, not the node: no acknowledgement, so the node re-delivers it later.
+                            logger.error("receipt not stored", metadata: ["node": "\(session.nodeID.short)", "error": "\(error)"])
                         }
                         break answer
                     case .failed(let code, let text):
                         ended = true
-                        job.fail(.rejected(code: code, message: text))
+                        job.fail(.rejected(code: String(code.prefix(Self.maxReportedText)), message: String(text.prefix(Self.maxReportedText))))
                         break answer
                     case .ready:
-                        throw RPCError(code: .failedPrecondition, message: "ready sent twice")
-                    case .head, .chunk:
-                        job.responseSink.yield(message)
+                        throw NodeViolation(kind: "out_of_order", detail: "ready sent twice")
                     }
                 }
                 if !ended { job.fail(.disconnected) }
                 job.commandSink.finish()
                 try await group.waitForAll()
             }
+        } catch let violation as NodeViolation {
+            job.fail(.misbehaved(kind: violation.kind, detail: String(violation.detail.prefix(Self.maxReportedText))))
+            await pool.finished(nodeID: session.nodeID, number: session.number)
+            await punish(violation, nodeID: session.nodeID, number: session.number)
+            throw RPCError(code: .permissionDenied, message: "disconnected for \(violation.kind)")
         } catch {
             if !ended { job.fail(.disconnected) }
             await pool.finished(nodeID: session.nodeID, number: session.number)
@@ -182,4 +401,11 @@ public struct TunnelEndpoint: RegistrableRPCService {
 final class SlotCounter: Sendable {
     private let value = Atomic<UInt64>(0)
     func next() -> UInt64 { value.add(1, ordering: .relaxed).newValue }
+}
+
+/// A flag set once, read from another task.
+final class Flag: Sendable {
+    private let value = Atomic<Bool>(false)
+    func set() { value.store(true, ordering: .releasing) }
+    var isSet: Bool { value.load(ordering: .acquiring) }
 }

@@ -241,7 +241,7 @@ final class TestNetwork: @unchecked Sendable {
         try KeyFile.write(routerKey, to: routerDirectory + "/node.key")
         httpPort = Harness.freePort()
         tunnelPort = Harness.freePort()
-        apiKey = try Self.runEMC(["keys", "api", "--data-dir", routerDirectory, "--label", "test"])
+        apiKey = try Self.runEMC(["keys", "api", "new", "--data-dir", routerDirectory, "--label", "test"])
             .trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
@@ -271,7 +271,7 @@ final class TestNetwork: @unchecked Sendable {
     /// Starts a compute node fronting both model servers (and any extra apps).
     @discardableResult
     func startComputeNode(maxConcurrent: UInt32 = 4, extraApps: [ComputeConfiguration.AppEntry] = [],
-                          routerKey pinned: PublicKey? = nil) throws -> TestProcess {
+                          routerKey pinned: PublicKey? = nil, environment: [String: String] = [:]) throws -> TestProcess {
         let index = computeNodes.count + 1
         let directory = root + "/compute-\(index)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -288,7 +288,7 @@ final class TestNetwork: @unchecked Sendable {
         try encoder.encode(config).write(to: URL(fileURLWithPath: directory + "/config.json"))
         let process = try TestProcess(name: "compute-\(index)", executable: Harness.emcBinary, arguments: [
             "node", "--role", "compute", "--config", directory + "/config.json", "--data-dir", directory,
-        ], logDirectory: root)
+        ], logDirectory: root, environment: environment)
         computeNodes.append(process)
         return process
     }

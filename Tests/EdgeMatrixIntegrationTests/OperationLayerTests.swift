@@ -82,6 +82,8 @@ struct OperationLayerTests {
         #expect(receipt.body.responseHash == Hash32.of(routed.body))
         let nodeKey = try #require(network.nodeKeys().first { $0.nodeID == receipt.body.nodeID })
         #expect(throws: Never.self) { try receipt.verify(nodeKey: nodeKey, routerKey: network.routerKey.publicKey) }
+        // Honest nodes' receipts (chat, streamed chat, completions, embeddings) all pass the router's checks.
+        #expect(try await network.misbehaviourCounts().isEmpty, "\(network.logs)")
     }
 
     @Test("REST apps are reachable through the pass-through route, with method, path, query and body kept")
@@ -147,6 +149,28 @@ struct OperationLayerTests {
                                                      body: Harness.json(["input": "x"]))
         #expect(missingModel.status == 400)
         #expect((missingModel.json?["error"] as? [String: Any])?["code"] as? String == "missing_parameter")
+
+        // Bodies are capped per route (16 MiB on OpenAI routes): 413 in OpenAI's shape, before any node is bothered.
+        let oversized = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                                  body: [UInt8](repeating: UInt8(ascii: " "), count: (16 << 20) + 1))
+        #expect(oversized.status == 413)
+        #expect((oversized.json?["error"] as? [String: Any])?["code"] as? String == "request_too_large")
+    }
+
+    // Bug caught: the router cached valid keys in clear for ever, so a revoked key kept working until a restart.
+    @Test("a key revoked with `emc keys api revoke` is refused by the running router within a second")
+    func revocationTakesEffect() async throws {
+        let network = try await TestNetwork(name: "revoke")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let models = network.baseURL + "/models"
+        #expect(try await Harness.request(.GET, models, key: network.apiKey).status == 200)
+        _ = try TestNetwork.runEMC(["keys", "api", "revoke", network.apiKey, "--data-dir", network.routerDirectory])
+        let revokedAt = ContinuousClock.now
+        try await Harness.eventually(timeout: .seconds(3), "the revoked key to be refused") {
+            try await Harness.request(.GET, models, key: network.apiKey, timeout: .seconds(2)).status == 401
+        }
+        #expect(ContinuousClock.now - revokedAt < .milliseconds(1500))
     }
 
     @Test("killing a compute node mid-load: requests that had not started answering fail over; later requests succeed")
@@ -233,32 +257,62 @@ struct OperationLayerTests {
         #expect(error["type"] as? String == "server_error")
     }
 
-    @Test("router kill -9 and restart loses no acknowledged receipt, and unacknowledged ones are re-delivered")
+    @Test("router kill -9 with receipts in flight: no receipt the node saw acknowledged is lost, and every unacknowledged one is re-delivered")
     func receiptsSurviveRouterCrash() async throws {
         let network = try await TestNetwork(name: "crash")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode()
+        // Debug logging makes the node print what it signed and what the router acknowledged: the node's own record.
+        let node = try network.startComputeNode(maxConcurrent: 4, environment: ["LOG_LEVEL": "debug"])
         try await network.waitForNodes(1)
+        let database = network.routerDirectory + "/router.sqlite"
 
-        var requestIDs = [String]()
-        for i in 0..<5 {
+        // Some receipts are acknowledged before the crash...
+        for i in 0..<2 {
             let result = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
                                                    body: Harness.json(["model": embeddingModel, "input": "sentence \(i)"]))
             #expect(result.status == 200)
-            requestIDs.append(try #require(result.header("x-emc-request-id")))
         }
-        let database = network.routerDirectory + "/router.sqlite"
-        try await Harness.eventually(timeout: .seconds(10), "all receipts stored") {
-            Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: requestIDs)
+        try await Harness.eventually(timeout: .seconds(10), "the node to see 2 receipts acknowledged") {
+            node.requestIDs(logged: "receipt acknowledged").count == 2
         }
-        let acknowledged = try await ReceiptFile(path: database).requestIDs()
+        // ...and some are in flight: freeze the router while the node is generating, so the node signs receipts
+        // that the router cannot acknowledge, then kill it.
+        let router = try #require(network.router)
+        let requests = (0..<4).map { i in
+            Task { try? await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                              body: chatBody("Count to \(i + 5).", maxTokens: 12), timeout: .seconds(120)) }
+        }
+        try await Harness.eventually(timeout: .seconds(30), "the node to be assigned the chat requests") {
+            node.requestIDs(logged: "request assigned").count >= 2 + 3
+        }
+        kill(router.pid, SIGSTOP)
+        let assigned = node.requestIDs(logged: "request assigned")
+        try await Harness.eventually(timeout: .seconds(90), "the node to sign a receipt for every assigned request") {
+            node.requestIDs(logged: "receipt signed").isSuperset(of: assigned)
+        }
+        let signed = node.requestIDs(logged: "receipt signed")
+        let acknowledged = node.requestIDs(logged: "receipt acknowledged")
+        router.kill9()
+        for request in requests { request.cancel() }
+        #expect(acknowledged.count >= 2)
+        #expect(signed.subtracting(acknowledged).count >= 3, "receipts must really be in flight at the kill")
 
-        network.router!.kill9()
+        // What the node saw acknowledged was durable before the acknowledgement.
         #expect(Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
         try await network.startRouter()
         try await network.waitForNodes(1)
-        #expect(Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: acknowledged))
+        // The rest arrive by re-delivery on the new control stream, are stored once each and acknowledged.
+        try await Harness.eventually(timeout: .seconds(20), "every signed receipt stored after the restart") {
+            Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: signed)
+        }
+        try await Harness.eventually(timeout: .seconds(10), "the node to see every receipt acknowledged") {
+            node.requestIDs(logged: "receipt acknowledged").isSuperset(of: signed)
+        }
+        #expect(node.log.contains("re-delivering unacknowledged receipts"))
+        #expect(try await network.misbehaviourCounts().isEmpty, "an honest re-delivery was refused\n\(network.logs)")
+        let stored = try await ReceiptFile(path: database).requestIDs()
+        #expect(stored.count == Set(stored).count, "a receipt was stored twice")
 
         let after = try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
                                               body: Harness.json(["model": embeddingModel, "input": "after the crash"]))
@@ -267,6 +321,52 @@ struct OperationLayerTests {
         try await Harness.eventually(timeout: .seconds(10), "receipt after restart") {
             try await ReceiptFile(path: database).requestIDs().contains(afterID)
         }
+    }
+
+    // Bug caught: a receipt the router can never accept was re-sent after every reconnect, and each time the
+    // router dropped the node for it, so the node could never serve that router again.
+    @Test("a router that lost its assignment records refuses re-delivered receipts by id; the node drops them and serves again")
+    func routerLostItsRecords() async throws {
+        let network = try await TestNetwork(name: "lost-records")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let node = try network.startComputeNode(maxConcurrent: 4, environment: ["LOG_LEVEL": "debug"])
+        try await network.waitForNodes(1)
+        let router = try #require(network.router)
+        let requests = (0..<3).map { i in
+            Task { try? await Harness.request(.POST, network.baseURL + "/chat/completions", key: network.apiKey,
+                                              body: chatBody("Count to \(i + 5).", maxTokens: 12), timeout: .seconds(120)) }
+        }
+        try await Harness.eventually(timeout: .seconds(30), "the node to be assigned the chat requests") {
+            node.requestIDs(logged: "request assigned").count >= 3
+        }
+        kill(router.pid, SIGSTOP)
+        let assigned = node.requestIDs(logged: "request assigned")
+        try await Harness.eventually(timeout: .seconds(90), "the node to sign their receipts") {
+            node.requestIDs(logged: "receipt signed").isSuperset(of: assigned)
+        }
+        router.kill9()
+        for request in requests { request.cancel() }
+        // The router comes back without its assignment records (restored from an old backup, say).
+        let python = Process()
+        python.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        python.arguments = ["python3", "-c", "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('DELETE FROM assignment'); c.commit()",
+                            network.routerDirectory + "/router.sqlite"]
+        try python.run()
+        python.waitUntilExit()
+        #expect(python.terminationStatus == 0)
+        try await network.startRouter()
+
+        try await Harness.eventually(timeout: .seconds(30), "the node to drop the refused receipts") {
+            node.log.contains("router refused a receipt; dropped it")
+        }
+        // After the misbehaviour cooldown the node registers again, re-sends nothing, and serves.
+        try await Harness.eventually(timeout: .seconds(60), "the node to serve again") {
+            try await Harness.request(.POST, network.baseURL + "/embeddings", key: network.apiKey,
+                                      body: Harness.json(["model": embeddingModel, "input": "back"]), timeout: .seconds(10)).status == 200
+        }
+        let stored = Set(try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").requestIDs())
+        #expect(stored.isDisjoint(with: assigned.subtracting(node.requestIDs(logged: "receipt acknowledged"))))
     }
 
     @Test("the official openai Python package works against the router, streaming and not")
@@ -292,6 +392,16 @@ struct OperationLayerTests {
     }
 }
 
+}
+
+extension TestProcess {
+    /// Request ids on this process's log lines that carry `message` (swift-log prints metadata as `request=...`).
+    func requestIDs(logged message: String) -> Set<String> {
+        Set(log.split(separator: "\n").filter { $0.contains(message) }.compactMap { line -> String? in
+            guard let start = line.range(of: "request=")?.upperBound else { return nil }
+            return String(line[start...].prefix { !$0.isWhitespace })
+        })
+    }
 }
 
 extension TestNetwork {

@@ -91,16 +91,49 @@ struct TunnelSecurityTests {
         #expect(token.count == 32)
     }
 
+    /// Dials the control stream as a node pinning `pinned`, sends hello, and returns the router's first message.
+    func firstControlMessage(port: Int, pinned: PublicKey) async throws -> RouterControlMessage? {
+        let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: port),
+                                                       transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: pinned))
+        return try await withGRPCClient(transport: transport) { client in
+            var options = CallOptions.defaults
+            options.timeout = .seconds(10)
+            options.waitForReady = false
+            let request = StreamingClientRequest<NodeControlMessage> { writer in
+                try await writer.write(.hello(nodeNonce: TunnelHandshake.randomNonce()))
+            }
+            return try await client.bidirectionalStreaming(
+                request: request, descriptor: TunnelService.control,
+                serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+                options: options
+            ) { response in
+                var inbound = response.messages.makeAsyncIterator()
+                return try await inbound.next()
+            }
+        }
+    }
+
     @Test("a compute node refuses, at the TLS handshake, a router that does not hold the pinned key")
     func routerIdentityPinned() async throws {
         let network = try await TestNetwork(name: "pinning")
         defer { network.stopAll() }
         try await network.startRouter()
-        let node = try network.startComputeNode(routerKey: SigningKey().publicKey)
-        try await Harness.eventually(timeout: .seconds(20), "the node to report the failed tunnel") {
-            node.log.contains("tunnel to router lost")
+        // Control: pinning the real key, the handshake completes and the router's challenge arrives.
+        let challenge = try await firstControlMessage(port: network.tunnelPort, pinned: network.routerKey.publicKey)
+        guard case .challenge(let presented, _, _)? = challenge else {
+            Issue.record("expected the router's challenge, got \(String(describing: challenge))")
+            return
         }
-        #expect(try await network.connectedNodes().isEmpty)
+        #expect(presented == network.routerKey.publicKey)
+        // Pinning another key, the connection fails in TLS: no RPC is carried, so no application message (not even
+        // the challenge, whose signature check would also refuse the router) is ever exchanged.
+        let error = try #require(await #expect(throws: RPCError.self) {
+            try await firstControlMessage(port: network.tunnelPort, pinned: SigningKey().publicKey)
+        })
+        #expect(error.code == .unavailable, "\(error)")
+        // The cause is the node's own certificate check failing inside the TLS handshake.
+        let cause = String(reflecting: try #require(error.cause, "no cause: \(error)"))
+        #expect(cause.contains("handshakeFailed") && cause.contains("CERTIFICATE_VERIFY_FAILED"), "not a TLS verification failure: \(cause)")
         // The same check, in process: a certificate bound to the real router key verifies only under that key.
         let tls = try TunnelTLS.make(routerKey: network.routerKey)
         let der = try pemToDER(tls.certificatePEM)
