@@ -56,7 +56,8 @@ public struct Devnet: Sendable {
         let routerConfig = RouterConfiguration(httpHost: "127.0.0.1", httpPort: layout.httpPort, tunnelHost: "127.0.0.1",
                                                tunnelPort: layout.tunnelPort, dataDirectory: layout.routerDirectory)
         let (ready, readySink) = AsyncStream<RouterEndpoints>.makeStream()
-        let router = try RouterService(configuration: routerConfig, key: routerKey, metricsText: NodeMetrics.text,
+        let admitted = RegisteredNodes()
+        let router = try RouterService(configuration: routerConfig, key: routerKey, admission: admitted, metricsText: NodeMetrics.text,
                                        logger: logger) { endpoints in readySink.yield(endpoints) }
         let apiKey = try devnetAPIKey(database: routerConfig.databasePath)
 
@@ -65,9 +66,12 @@ public struct Devnet: Sendable {
             try models.chatServer(port: layout.chatPort, logPath: layout.logsDirectory + "/chat-model.log", logger: logger),
             try models.embeddingsServer(port: layout.embeddingsPort, logPath: layout.logsDirectory + "/embeddings.log", logger: logger),
             router,
+            RegistryFollower(nodeURL: layout.nodeURL, admitted: admitted, logger: logger),
         ]
+        var computeKeys = [SigningKey]()
         for index in 1...computeNodeCount {
             let key = try KeyFile.loadOrCreate(at: layout.computeDirectory(index) + "/node.key")
+            computeKeys.append(key)
             let config = ComputeConfiguration(
                 routers: [.init(address: "127.0.0.1:\(layout.tunnelPort)", key: routerKey.publicKey)],
                 maxConcurrent: 8,
@@ -80,9 +84,13 @@ public struct Devnet: Sendable {
             try writeJSON(config, to: layout.computeDirectory(index) + "/config.json")
             var nodeLogger = logger
             nodeLogger[metadataKey: "node"] = "compute-\(index)"
-            services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, logger: nodeLogger))
+            let outbox = try ReceiptOutbox(path: layout.computeDirectory(index) + "/outbox.sqlite", logger: nodeLogger)
+            services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, outbox: outbox, logger: nodeLogger))
         }
         services += try validators()
+        // The devnet's router and compute nodes join the chain like anyone's: bonded and registered at start-up.
+        services.append(DevnetEnrollment(client: ChainClient(baseURL: layout.nodeURL), owner: try KeyFile.read(from: layout.fundedKeyPath),
+                                         router: (routerKey, "127.0.0.1:\(layout.tunnelPort)"), computeNodes: computeKeys, say: say))
         let banner = DevnetBanner(layout: layout, apiKey: apiKey)
         services.append(ReadinessReporter(ready: ready, baseURL: layout.baseURL, apiKey: apiKey, httpClient: httpClient,
                                           expectedModels: [LocalModels.chatModel, LocalModels.embeddingModel],

@@ -105,7 +105,10 @@ public struct LocalModels: Sendable {
     public func chatServer(port: Int, logPath: String, logger: Logger) throws -> ChildProcess {
         ChildProcess(name: "chat model server (\(Self.chatModel))", executable: python,
                      arguments: ["-c", Self.unblockSignalsShim, python, "-m", "llama_cpp.server", "--model", try chatModelFile(), "--model_alias", Self.chatModel,
-                                 "--host", "127.0.0.1", "--port", String(port), "--n_ctx", "2048", "--n_threads", "2", "--n_batch", "1"],
+                                 "--host", "127.0.0.1", "--port", String(port), "--n_ctx", "2048", "--n_threads", "2", "--n_batch", "1",
+                                 // Its default ends a running stream with [DONE] whenever another request arrives,
+                                 // and the compute nodes' health probes arrive every few seconds.
+                                 "--interrupt_requests", "False"],
                      logPath: logPath, logger: logger)
     }
 

@@ -7,11 +7,13 @@ import ServiceLifecycle
 
 /// Runs a single node role under a service group with graceful shutdown on SIGINT/SIGTERM.
 public enum NodeRunner {
-    public static func runCompute(configPath: String, key: SigningKey, logger: Logger) async throws {
+    /// The node keeps its unacknowledged receipts in DATA_DIR/outbox.sqlite, so they survive a crash.
+    public static func runCompute(configPath: String, key: SigningKey, dataDirectory: String, logger: Logger) async throws {
         NodeMetrics.bootstrap()
         let configuration = try ComputeConfiguration.load(from: configPath)
+        let outbox = try ReceiptOutbox(path: dataDirectory + "/outbox.sqlite", logger: logger)
         let httpClient = HTTPClient(eventLoopGroupProvider: .singleton)
-        let node = ComputeNode(configuration: configuration, key: key, httpClient: httpClient, logger: logger)
+        let node = ComputeNode(configuration: configuration, key: key, httpClient: httpClient, outbox: outbox, logger: logger)
         let group = ServiceGroup(services: [node], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do { try await group.run() } catch {
             try? await httpClient.shutdown()
@@ -20,12 +22,15 @@ public enum NodeRunner {
         try await httpClient.shutdown()
     }
 
-    public static func runRouter(configuration: RouterConfiguration, key: SigningKey, logger: Logger,
+    /// A router admits the compute nodes that the chain at `chainURL` (a validator's HTTP API) has registered.
+    public static func runRouter(configuration: RouterConfiguration, key: SigningKey, chainURL: String, logger: Logger,
                                  onReady: @escaping @Sendable (RouterEndpoints) async -> Void) async throws {
         NodeMetrics.bootstrap()
-        let router = try RouterService(configuration: configuration, key: key, metricsText: NodeMetrics.text, logger: logger,
-                                       onReady: onReady)
-        let group = ServiceGroup(services: [router], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let admitted = RegisteredNodes()
+        let router = try RouterService(configuration: configuration, key: key, admission: admitted, metricsText: NodeMetrics.text,
+                                       logger: logger, onReady: onReady)
+        let follower = RegistryFollower(nodeURL: chainURL, admitted: admitted, logger: logger)
+        let group = ServiceGroup(services: [router, follower], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
     }
 }

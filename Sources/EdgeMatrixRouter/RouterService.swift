@@ -6,6 +6,7 @@ import GRPCNIOTransportHTTP2
 import Hummingbird
 import HummingbirdCore
 import Logging
+import Metrics
 import ServiceLifecycle
 
 public struct RouterConfiguration: Sendable {
@@ -54,14 +55,18 @@ public struct RouterService: Service {
     public let pool: NodePool
     public let receipts: ReceiptStore
     let database: RouterDatabase
+    /// The compute nodes the chain lets serve (kept current by a registry follower beside the router).
+    public let admission: RegisteredNodes
     let metricsText: @Sendable () -> [UInt8]
     let onReady: @Sendable (RouterEndpoints) async -> Void
     let logger: Logger
 
-    public init(configuration: RouterConfiguration, key: SigningKey, metricsText: @escaping @Sendable () -> [UInt8],
-                logger: Logger = Logger(label: "emc.router"), onReady: @escaping @Sendable (RouterEndpoints) async -> Void = { _ in }) throws {
+    public init(configuration: RouterConfiguration, key: SigningKey, admission: RegisteredNodes,
+                metricsText: @escaping @Sendable () -> [UInt8], logger: Logger = Logger(label: "emc.router"),
+                onReady: @escaping @Sendable (RouterEndpoints) async -> Void = { _ in }) throws {
         self.configuration = configuration
         self.key = key
+        self.admission = admission
         self.metricsText = metricsText
         self.logger = logger
         self.onReady = onReady
@@ -72,7 +77,9 @@ public struct RouterService: Service {
 
     public func run() async throws {
         let endpoint = TunnelEndpoint(routerKey: key, pool: pool, receipts: ReceiptCollector(routerKey: key, store: receipts),
-                                      logger: logger)
+                                      admission: admission, logger: logger)
+        let admission = admission
+        let pool = pool
         let tls = try TunnelTLS.loadOrCreate(in: configuration.dataDirectory, routerKey: key)
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.tunnelHost, port: configuration.tunnelPort),
@@ -87,6 +94,13 @@ public struct RouterService: Service {
         let logger = logger
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask { try await grpcServer.serve() }
+            // A node the chain retires or slashes below its stake minimum is dropped as soon as the registry says so.
+            group.addTask {
+                for await admitted in admission.updates {
+                    let dropped = await pool.retain(admitted: admitted, reason: "no longer an eligible compute node on chain")
+                    if dropped > 0 { Counter(label: "emc_router_nodes_dropped_by_registry_total").increment(by: dropped) }
+                }
+            }
             let tunnelPort = try await transport.listeningAddress.ipv4?.port ?? configuration.tunnelPort
             let app = Application(
                 router: gateway.makeRouter(),
@@ -106,7 +120,9 @@ public struct RouterService: Service {
                     try await app.run()
                 } onGracefulShutdown: {
                     grpcServer.beginGracefulShutdown()
+                    admission.finish()
                 }
+                admission.finish()
             }
         }
     }

@@ -148,6 +148,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
     let routerKey: SigningKey
     let pool: NodePool
     let receipts: ReceiptCollector
+    let admission: any NodeAdmission
     let logger: Logger
     private let slotCounter = SlotCounter()
 
@@ -159,10 +160,11 @@ public struct TunnelEndpoint: RegistrableRPCService {
     /// Error codes and messages a node reports are cut to this length before they reach logs and clients.
     static let maxReportedText = 256
 
-    public init(routerKey: SigningKey, pool: NodePool, receipts: ReceiptCollector, logger: Logger) {
+    public init(routerKey: SigningKey, pool: NodePool, receipts: ReceiptCollector, admission: any NodeAdmission, logger: Logger) {
         self.routerKey = routerKey
         self.pool = pool
         self.receipts = receipts
+        self.admission = admission
         self.logger = logger
     }
 
@@ -245,6 +247,11 @@ public struct TunnelEndpoint: RegistrableRPCService {
         guard nodeKey.isValidSignature(signature, for: payload, domain: .nodeRegistration) else {
             try await reject(writer, code: "bad_signature",
                              "registration signature does not verify for node key \(nodeKey.hex); the node must sign with the key it registers")
+        }
+        // Only a compute node the chain has registered, with a bonded compute stake, serves.
+        if let refusal = admission.refusal(for: nodeKey) {
+            Counter(label: "emc_router_registrations_unadmitted_total").increment()
+            try await reject(writer, code: refusal.code, refusal.message)
         }
         // Kept for the whole session, for each of up to `maxSessions` nodes: a few apps and model names fit easily.
         guard descriptorBytes.count <= Self.maxDescriptorBytes else {

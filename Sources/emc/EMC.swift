@@ -95,11 +95,20 @@ struct Node: AsyncParsableCommand {
     @Option(help: "OpenAI-compatible API port (router).") var httpPort: Int = 8080
     @Option(help: "Port compute nodes dial (router).") var tunnelPort: Int = 7070
     @Option(help: "Seed for node selection (router; reproducible runs).") var seed: UInt64?
+    @Option(help: ArgumentHelp("A validator's HTTP API whose node registry decides which compute nodes may serve (router; default $EMC_NODE_URL).",
+                               valueName: "URL"))
+    var chain: String?
     @Option(help: "Genesis file (validator).") var genesis: String?
     @Option(help: "Port other validators dial (validator).") var p2pPort: Int = 26656
     @Option(help: ArgumentHelp("Extra peers to dial, comma-separated NODE_KEY_HEX@HOST:PORT (validator; for one that joins by staking).",
                                valueName: "PEERS"))
     var peers: String?
+
+    /// `--chain`, else $EMC_NODE_URL.
+    var chainURL: String? {
+        guard let url = chain ?? ProcessInfo.processInfo.environment["EMC_NODE_URL"], !url.isEmpty else { return nil }
+        return url.hasPrefix("http") ? url : "http://" + url
+    }
 
     /// `--peers`, parsed; a bad entry is a usage error naming it.
     func peerAddresses() throws -> [PeerAddress] {
@@ -122,6 +131,9 @@ struct Node: AsyncParsableCommand {
             throw ValidationError("\(name) must be a TCP port from 1 to 65535, got \(port)")
         }
         _ = try peerAddresses()
+        if role == .router, chainURL == nil {
+            throw ValidationError("a router needs --chain URL (or EMC_NODE_URL): it admits only compute nodes registered on chain")
+        }
     }
 
     func run() async throws {
@@ -130,11 +142,11 @@ struct Node: AsyncParsableCommand {
         let key = try KeyFile.loadOrCreate(at: dataDir + "/node.key")
         switch role {
         case .compute:
-            try await NodeRunner.runCompute(configPath: absolute(config!), key: key, logger: logger)
+            try await NodeRunner.runCompute(configPath: absolute(config!), key: key, dataDirectory: dataDir, logger: logger)
         case .router:
             let configuration = RouterConfiguration(httpHost: host, httpPort: httpPort, tunnelHost: host, tunnelPort: tunnelPort,
                                                     dataDirectory: dataDir, selectionSeed: seed ?? UInt64.random(in: .min ... .max))
-            try await NodeRunner.runRouter(configuration: configuration, key: key, logger: logger) { endpoints in
+            try await NodeRunner.runRouter(configuration: configuration, key: key, chainURL: chainURL!, logger: logger) { endpoints in
                 say("router \(key.nodeID) ready: http=\(endpoints.httpPort) tunnel=\(endpoints.tunnelPort) key=\(key.publicKey.hex)")
             }
         case .validator:

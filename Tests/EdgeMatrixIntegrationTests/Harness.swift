@@ -1,6 +1,8 @@
 import AsyncHTTPClient
 import EdgeMatrixCompute
+import EdgeMatrixChain
 import EdgeMatrixCore
+import EdgeMatrixLedger
 import EdgeMatrixNode
 import Foundation
 import NIOCore
@@ -187,7 +189,7 @@ actor ModelServers {
         let shim = ["-c", LocalModels.unblockSignalsShim, Harness.python]
         processes.append(try TestProcess(name: "chat-model", executable: Harness.python, arguments: shim + [
             "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "smollm2-135m-instruct", "--host", "127.0.0.1",
-            "--port", String(chatPort), "--n_ctx", "2048", "--n_threads", "2", "--n_batch", "1",
+            "--port", String(chatPort), "--n_ctx", "2048", "--n_threads", "2", "--n_batch", "1", "--interrupt_requests", "False",
         ], logDirectory: logs))
         processes.append(try TestProcess(name: "embeddings", executable: Harness.python, arguments: shim + [
             Harness.packageRoot + "/Sources/EdgeMatrixNode/Resources/embeddings_server.py", "--host", "127.0.0.1",
@@ -216,6 +218,51 @@ actor ModelServers {
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
         return String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+/// One single-validator chain per test run whose node registry the test routers follow: a router admits only
+/// compute nodes registered there, so each test node is bonded and registered first, as an operator would.
+actor RegistryChain {
+    static let shared = RegistryChain()
+    private var chain: InProcessChain?
+    private var tail: Task<Void, any Error>?
+
+    /// The validator's HTTP API, once it commits blocks.
+    func url() async throws -> String {
+        if let chain { return chain.url() }
+        let started = try InProcessChain(validators: 1, running: 1)
+        chain = started
+        try await Harness.eventually(timeout: .seconds(30), "the test chain commits") {
+            (try await Harness.request(.GET, started.url() + "/status", timeout: .seconds(1)).json?["height"] as? Int ?? 0) >= 1
+        }
+        return started.url()
+    }
+
+    /// Bonds a compute stake and registers `key` as a compute node (one enrollment at a time: they share the funded
+    /// account and its stakes).
+    func enroll(_ key: SigningKey) async throws {
+        let url = try await url()
+        let funded = try chain!.funded
+        let previous = tail
+        let task = Task {
+            _ = await previous?.result
+            let minimum = LedgerParameters.standard.staking.compute
+            try await NodeEnrollment(client: ChainClient(baseURL: url), owner: funded)
+                .enroll(node: key, role: .compute, stake: minimum.minimumStake, lockDays: minimum.minimumLockDays, endpoints: [])
+        }
+        tail = task
+        try await task.value
+    }
+
+    /// Retires a node registered by `enroll` (its owner, the funded account, signs).
+    func retire(_ nodeKey: PublicKey) async throws {
+        let url = try await url()
+        let client = ChainClient(baseURL: url)
+        let tx = Transaction(signing: TransactionBody(chainID: try await client.chainID(), createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
+                                                      kind: .retireNode(nodeKey: nodeKey)), with: try chain!.funded)
+        let result = try await client.waitForCommit(hash: try await client.submit(tx))
+        guard result["status"] as? String == "committed" else { throw HarnessError.processFailed("retire: \(result)") }
     }
 }
 
@@ -261,20 +308,27 @@ final class TestNetwork: @unchecked Sendable {
     func startRouter() async throws {
         router = try TestProcess(name: "router", executable: Harness.emcBinary, arguments: [
             "node", "--role", "router", "--data-dir", routerDirectory, "--http-port", String(httpPort),
-            "--tunnel-port", String(tunnelPort), "--seed", "7",
+            "--tunnel-port", String(tunnelPort), "--seed", "7", "--chain", try await RegistryChain.shared.url(),
         ], logDirectory: root)
         try await Harness.eventually(timeout: .seconds(30), "router /health") {
             try await Harness.request(.GET, "http://127.0.0.1:\(httpPort)/health", timeout: .seconds(1)).status == 200
         }
     }
 
-    /// Starts a compute node fronting both model servers (and any extra apps).
+    /// Registers a compute node key on the test chain, so that routers admit it.
+    func enroll(_ key: SigningKey) async throws { try await RegistryChain.shared.enroll(key) }
+
+    /// Starts a compute node fronting both model servers (and any extra apps), registered on the test chain first
+    /// unless `register` is false.
     @discardableResult
     func startComputeNode(maxConcurrent: UInt32 = 4, extraApps: [ComputeConfiguration.AppEntry] = [],
-                          routerKey pinned: PublicKey? = nil, environment: [String: String] = [:]) throws -> TestProcess {
+                          routerKey pinned: PublicKey? = nil, environment: [String: String] = [:],
+                          register: Bool = true) async throws -> TestProcess {
         let index = computeNodes.count + 1
         let directory = root + "/compute-\(index)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let key = try KeyFile.loadOrCreate(at: directory + "/node.key")
+        if register { try await enroll(key) }
         let config = ComputeConfiguration(
             routers: [.init(address: "127.0.0.1:\(tunnelPort)", key: pinned ?? routerKey.publicKey)],
             maxConcurrent: maxConcurrent,

@@ -123,6 +123,7 @@ enum HostileNode {
     static func session<T: Sendable>(network: TestNetwork, model: String, maxConcurrent: UInt32 = 2,
                                      _ body: @escaping @Sendable (HostileSession) async throws -> T) async throws -> T {
         let key = SigningKey()
+        try await network.enroll(key)  // registered on chain: hostile, but admitted, so every check past admission is exercised
         let routerKey = network.routerKey.publicKey
         let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: network.tunnelPort),
                                                        transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: routerKey))
@@ -288,7 +289,7 @@ struct HostileComputeNodeTests {
         let network = try await TestNetwork(name: "hostile")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode(maxConcurrent: 2)
+        try await network.startComputeNode(maxConcurrent: 2)
         try await network.waitForNodes(1)
         let router = try #require(network.router)
 
@@ -331,7 +332,7 @@ struct HostileComputeNodeTests {
         let network = try await TestNetwork(name: "hostile-control")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode(maxConcurrent: 2)
+        try await network.startComputeNode(maxConcurrent: 2)
         try await network.waitForNodes(1)
         let router = try #require(network.router)
         let database = network.routerDirectory + "/router.sqlite"

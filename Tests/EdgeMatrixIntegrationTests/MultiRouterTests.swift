@@ -7,9 +7,10 @@ extension Integration {
 @Suite("One compute node, two routers", .serialized)
 struct MultiRouterTests {
     /// Starts a compute node that dials both routers (each pinned to its own key).
-    func startNode(routers: [TestNetwork], in root: String) throws -> TestProcess {
+    func startNode(routers: [TestNetwork], in root: String) async throws -> TestProcess {
         let directory = root + "/compute-multi"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try await routers[0].enroll(try KeyFile.loadOrCreate(at: directory + "/node.key"))  // both routers follow one chain
         let models = routers[0].models
         let config = ComputeConfiguration(
             routers: routers.map { .init(address: "127.0.0.1:\($0.tunnelPort)", key: $0.routerKey.publicKey) },
@@ -42,7 +43,7 @@ struct MultiRouterTests {
         }
         try await a.startRouter()
         try await b.startRouter()
-        let node = try startNode(routers: [a, b], in: a.root)
+        let node = try await startNode(routers: [a, b], in: a.root)
         defer { node.terminate() }
         try await Harness.eventually(timeout: .seconds(60), "the node registered with both routers") {
             let onA = try await a.connectedNodes().count

@@ -27,8 +27,8 @@ struct OperationLayerTests {
         let network = try await TestNetwork(name: "routes")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode()
-        try network.startComputeNode()
+        try await network.startComputeNode()
+        try await network.startComputeNode()
         try await network.waitForNodes(2)
         let client = EdgeMatrixClient(baseURL: network.baseURL, apiKey: network.apiKey, httpClient: Harness.http)
 
@@ -92,7 +92,7 @@ struct OperationLayerTests {
         defer { network.stopAll() }
         try await network.startRouter()
         // The embeddings server doubles as a plain REST app here.
-        try network.startComputeNode(extraApps: [.init(name: "vectors", kind: .rest, baseURL: network.models.embeddingsURL,
+        try await network.startComputeNode(extraApps: [.init(name: "vectors", kind: .rest, baseURL: network.models.embeddingsURL,
                                                        healthPath: "/health")])
         try await network.waitForNodes(1)
 
@@ -120,7 +120,7 @@ struct OperationLayerTests {
         let network = try await TestNetwork(name: "errors")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode()
+        try await network.startComputeNode()
         try await network.waitForNodes(1)
 
         let unauthorized = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: "emc-sk-not-a-key",
@@ -178,8 +178,8 @@ struct OperationLayerTests {
         let network = try await TestNetwork(name: "failover")
         defer { network.stopAll() }
         try await network.startRouter()
-        let first = try network.startComputeNode(maxConcurrent: 4)
-        try network.startComputeNode(maxConcurrent: 4)
+        let first = try await network.startComputeNode(maxConcurrent: 4)
+        try await network.startComputeNode(maxConcurrent: 4)
         try await network.waitForNodes(2)
 
         // Non-streaming answers start only when generation is done, so every in-flight request on the killed
@@ -222,8 +222,8 @@ struct OperationLayerTests {
         let network = try await TestNetwork(name: "midstream")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode()
-        try network.startComputeNode()
+        try await network.startComputeNode()
+        try await network.startComputeNode()
         try await network.waitForNodes(2)
         let keys = try network.nodeKeys()
 
@@ -263,7 +263,7 @@ struct OperationLayerTests {
         defer { network.stopAll() }
         try await network.startRouter()
         // Debug logging makes the node print what it signed and what the router acknowledged: the node's own record.
-        let node = try network.startComputeNode(maxConcurrent: 4, environment: ["LOG_LEVEL": "debug"])
+        let node = try await network.startComputeNode(maxConcurrent: 4, environment: ["LOG_LEVEL": "debug"])
         try await network.waitForNodes(1)
         let database = network.routerDirectory + "/router.sqlite"
 
@@ -330,7 +330,7 @@ struct OperationLayerTests {
         let network = try await TestNetwork(name: "lost-records")
         defer { network.stopAll() }
         try await network.startRouter()
-        let node = try network.startComputeNode(maxConcurrent: 4, environment: ["LOG_LEVEL": "debug"])
+        let node = try await network.startComputeNode(maxConcurrent: 4, environment: ["LOG_LEVEL": "debug"])
         try await network.waitForNodes(1)
         let router = try #require(network.router)
         let requests = (0..<3).map { i in
@@ -374,7 +374,7 @@ struct OperationLayerTests {
         let network = try await TestNetwork(name: "openai-py")
         defer { network.stopAll() }
         try await network.startRouter()
-        try network.startComputeNode()
+        try await network.startComputeNode()
         try await network.waitForNodes(1)
 
         let process = Process()

@@ -72,6 +72,7 @@ struct TunnelSecurityTests {
         defer { network.stopAll() }
         try await network.startRouter()
         let node = SigningKey()
+        try await network.enroll(node)
         let descriptor = descriptorBytes()
         let routerKey = network.routerKey.publicKey
 
@@ -89,6 +90,45 @@ struct TunnelSecurityTests {
             return
         }
         #expect(token.count == 32)
+    }
+
+    @Test("a correctly signed node that is not registered on chain is refused with not_registered and serves nothing")
+    func unregisteredNodeRefused() async throws {
+        let network = try await TestNetwork(name: "unregistered")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let stranger = SigningKey()
+        let descriptor = descriptorBytes()
+        let answer = try await handshake(port: network.tunnelPort, routerKey: network.routerKey.publicKey) { challenge, nodeNonce in
+            guard case .challenge(let presented, let routerNonce, _) = challenge else { return .hello(nodeNonce: []) }
+            let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
+                                                              routerID: presented.nodeID, descriptorBytes: descriptor)
+            return .register(nodeKey: stranger.publicKey, descriptorBytes: descriptor, signature: stranger.sign(payload, domain: .nodeRegistration))
+        }
+        guard case .rejected(let code, _)? = answer else {
+            Issue.record("an unregistered node must be refused, got \(String(describing: answer))")
+            return
+        }
+        #expect(code == "not_registered")
+        #expect(try await network.connectedNodes().isEmpty)
+    }
+
+    @Test("a compute node retired on chain is dropped by the router within a few blocks, and cannot come back")
+    func retiredNodeDropped() async throws {
+        let network = try await TestNetwork(name: "retired")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let node = try await network.startComputeNode()
+        try await network.waitForNodes(1)
+        let key = try KeyFile.read(from: network.root + "/compute-1/node.key")
+        try await RegistryChain.shared.retire(key.publicKey)
+        try await Harness.eventually(timeout: .seconds(10), "the router drops the retired node") {
+            try await network.connectedNodes().isEmpty
+        }
+        // It keeps redialling and keeps being refused.
+        try await Task.sleep(for: .seconds(3))
+        #expect(try await network.connectedNodes().isEmpty)
+        #expect(node.log.contains("not_registered"), "\(node.log.suffix(2000))")
     }
 
     /// Dials the control stream as a node pinning `pinned`, sends hello, and returns the router's first message.
