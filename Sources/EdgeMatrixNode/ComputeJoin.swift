@@ -79,11 +79,12 @@ public struct ComputeJoin: Sendable {
 
     /// Everything up to serving; returns the node key and the config path it wrote.
     public func prepare(say: @Sendable (String) -> Void) async throws -> (key: SigningKey, configPath: String) {
+        // The app first: a wrong --app must not leave a key, a stake or a registration behind.
+        let models = try await Self.probeModels(appURL: appURL)
         try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
         let keyPath = dataDirectory + "/node.key"
         let key = try KeyFile.loadOrCreate(at: keyPath)
         say("1/5 node key \(key.nodeID) in \(keyPath)")
-        let models = try await Self.probeModels(appURL: appURL)
         say("2/5 app \(appURL) serves \(models.joined(separator: ", "))")
         let client = ChainClient(baseURL: nodeURL)
         say("3/5 bonding and registering on chain \(nodeURL)")

@@ -255,6 +255,27 @@ actor RegistryChain {
         try await task.value
     }
 
+    /// The key file of the chain's funded account (owner of every node `enroll` registers).
+    func fundedKeyPath() async throws -> String {
+        _ = try await url()
+        return chain!.layout.fundedKeyPath
+    }
+
+    /// Registers a router with its tunnel address, so compute nodes can find it in the registry.
+    func enrollRouter(_ key: SigningKey, tunnelAddress: String) async throws {
+        let url = try await url()
+        let funded = try chain!.funded
+        let previous = tail
+        let task = Task {
+            _ = await previous?.result
+            let minimum = LedgerParameters.standard.staking.router
+            try await NodeEnrollment(client: ChainClient(baseURL: url), owner: funded)
+                .enroll(node: key, role: .router, stake: minimum.minimumStake, lockDays: minimum.minimumLockDays, endpoints: [tunnelAddress])
+        }
+        tail = task
+        try await task.value
+    }
+
     /// Retires a node registered by `enroll` (its owner, the funded account, signs).
     func retire(_ nodeKey: PublicKey) async throws {
         let url = try await url()
