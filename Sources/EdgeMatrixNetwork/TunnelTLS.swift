@@ -56,7 +56,7 @@ public struct TunnelTLS: Sendable {
     public static func make(routerKey: SigningKey) throws -> TunnelTLS {
         let tlsKey = P256.Signing.PrivateKey()
         let publicKey = Certificate.PublicKey(tlsKey.publicKey)
-        let binding = routerKey.sign(Array(publicKey.subjectPublicKeyInfoBytes), domain: .routerHandshake)
+        let binding = routerKey.sign(Array(publicKey.subjectPublicKeyInfoBytes), domain: .tlsBinding)
         let name = try DistinguishedName { CommonName("edgematrix-router-\(routerKey.nodeID.short)") }
         let now = Date()
         let certificate = try Certificate(
@@ -81,7 +81,7 @@ public struct TunnelTLS: Sendable {
             throw TunnelTLSError.certificateNotBound("no binding extension")
         }
         guard routerKey.isValidSignature(Array(binding.value), for: Array(certificate.publicKey.subjectPublicKeyInfoBytes),
-                                         domain: .routerHandshake) else {
+                                         domain: .tlsBinding) else {
             throw TunnelTLSError.certificateNotBound("the binding signature is not by router \(routerKey.nodeID)")
         }
     }

@@ -244,7 +244,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
         }
         let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
                                                           routerID: routerKey.nodeID, descriptorBytes: descriptorBytes)
-        guard nodeKey.isValidSignature(signature, for: payload, domain: .nodeRegistration) else {
+        guard nodeKey.isValidSignature(signature, for: payload, domain: .tunnelRegistration) else {
             try await reject(writer, code: "bad_signature",
                              "registration signature does not verify for node key \(nodeKey.hex); the node must sign with the key it registers")
         }

@@ -149,3 +149,21 @@ struct MerkleTests {
         #expect(a != MerkleTree.root(leaves: [[1], [2], [4]]))
     }
 }
+
+@Suite("Signing domains")
+struct SigningDomainTests {
+    @Test("every message kind has its own tag, and a signature made in one domain verifies in no other")
+    func domainsAreDistinct() {
+        let tags = SigningDomain.allCases.map(\.rawValue)
+        #expect(Set(tags).count == tags.count)
+        #expect(tags.allSatisfy { !$0.utf8.contains(0) })  // the 0x00 after the tag ends it
+        let key = SigningKey()
+        let bytes: [UInt8] = Array("the same bytes".utf8)
+        for domain in SigningDomain.allCases {
+            let signature = key.sign(bytes, domain: domain)
+            for other in SigningDomain.allCases {
+                #expect(key.publicKey.isValidSignature(signature, for: bytes, domain: other) == (other == domain), "\(domain) vs \(other)")
+            }
+        }
+    }
+}

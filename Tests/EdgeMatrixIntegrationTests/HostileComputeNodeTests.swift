@@ -148,7 +148,7 @@ enum HostileNode {
                                 let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
                                                                                   routerID: presented.nodeID, descriptorBytes: descriptor)
                                 control.yield(RawFrame(NodeControlMessage.register(
-                                    nodeKey: key.publicKey, descriptorBytes: descriptor, signature: key.sign(payload, domain: .nodeRegistration))))
+                                    nodeKey: key.publicKey, descriptorBytes: descriptor, signature: key.sign(payload, domain: .tunnelRegistration))))
                             case .accepted(let token): session.state.withLock { $0.token = token }
                             case .rejected(let code, _): session.state.withLock { $0.rejected = code }
                             case .receiptAck(let id): session.state.withLock { $0.acks.append(id) }

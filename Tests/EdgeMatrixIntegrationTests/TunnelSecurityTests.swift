@@ -56,7 +56,7 @@ struct TunnelSecurityTests {
             let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce, routerID: routerID,
                                                               descriptorBytes: descriptor)
             return .register(nodeKey: victim.publicKey, descriptorBytes: descriptor,
-                             signature: attacker.sign(payload, domain: .nodeRegistration))
+                             signature: attacker.sign(payload, domain: .tunnelRegistration))
         }
         guard case .rejected(let code, _)? = answer else {
             Issue.record("expected a rejection, got \(String(describing: answer))")
@@ -83,7 +83,7 @@ struct TunnelSecurityTests {
             else { return .hello(nodeNonce: []) }
             let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
                                                               routerID: presented.nodeID, descriptorBytes: descriptor)
-            return .register(nodeKey: node.publicKey, descriptorBytes: descriptor, signature: node.sign(payload, domain: .nodeRegistration))
+            return .register(nodeKey: node.publicKey, descriptorBytes: descriptor, signature: node.sign(payload, domain: .tunnelRegistration))
         }
         guard case .accepted(let token)? = answer else {
             Issue.record("expected acceptance, got \(String(describing: answer))")
@@ -103,7 +103,7 @@ struct TunnelSecurityTests {
             guard case .challenge(let presented, let routerNonce, _) = challenge else { return .hello(nodeNonce: []) }
             let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
                                                               routerID: presented.nodeID, descriptorBytes: descriptor)
-            return .register(nodeKey: stranger.publicKey, descriptorBytes: descriptor, signature: stranger.sign(payload, domain: .nodeRegistration))
+            return .register(nodeKey: stranger.publicKey, descriptorBytes: descriptor, signature: stranger.sign(payload, domain: .tunnelRegistration))
         }
         guard case .rejected(let code, _)? = answer else {
             Issue.record("an unregistered node must be refused, got \(String(describing: answer))")
