@@ -76,7 +76,7 @@ let package = Package(
         .target(
             name: "EdgeMatrixCompute",
             dependencies: [
-                "EdgeMatrixCore", "EdgeMatrixNetwork",
+                "EdgeMatrixCore", "EdgeMatrixNetwork", "EdgeMatrixStore",
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
                 .product(name: "NIOFoundationCompat", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -18,7 +18,8 @@ public final class ComputeNode: Service, WorkServer {
     let appOrder: [String]
     let hardware: HardwareInfo
     let logger: Logger
-    public let outbox = ReceiptOutbox()
+    /// Receipts awaiting acknowledgement; durable when opened on the node's data dir (`ReceiptOutbox(path:)`).
+    public let outbox: ReceiptOutbox
     /// A single-threaded model server busy generating can miss a probe, so an app is marked unhealthy only
     /// after several misses in a row, and a request it answers resets the count.
     struct AppHealth {
@@ -31,8 +32,10 @@ public final class ComputeNode: Service, WorkServer {
     private let inFlightCount = Atomic<UInt32>(0)
 
     public init(configuration: ComputeConfiguration, key: SigningKey, apps: [any LocalApp],
-                hardware: HardwareInfo = HardwareProbe.probe(), logger: Logger = Logger(label: "emc.compute")) {
+                hardware: HardwareInfo = HardwareProbe.probe(), outbox: ReceiptOutbox = ReceiptOutbox(),
+                logger: Logger = Logger(label: "emc.compute")) {
         self.configuration = configuration
+        self.outbox = outbox
         self.key = key
         self.apps = Dictionary(uniqueKeysWithValues: apps.map { ($0.name, $0) })
         appOrder = apps.map(\.name)
@@ -42,9 +45,9 @@ public final class ComputeNode: Service, WorkServer {
 
     /// Builds HTTP adapters for every app in the config.
     public convenience init(configuration: ComputeConfiguration, key: SigningKey, httpClient: HTTPClient,
-                            logger: Logger = Logger(label: "emc.compute")) {
+                            outbox: ReceiptOutbox = ReceiptOutbox(), logger: Logger = Logger(label: "emc.compute")) {
         self.init(configuration: configuration, key: key,
-                  apps: configuration.apps.map { HTTPLocalApp(entry: $0, client: httpClient) }, logger: logger)
+                  apps: configuration.apps.map { HTTPLocalApp(entry: $0, client: httpClient) }, outbox: outbox, logger: logger)
     }
 
     public var nodeID: NodeID { key.nodeID }

@@ -109,7 +109,7 @@ struct TunnelClient: Sendable {
             let payload = TunnelHandshake.registrationPayload(routerNonce: routerNonce, nodeNonce: nodeNonce,
                                                               routerID: routerKey.nodeID, descriptorBytes: descriptorBytes)
             sink.yield(.register(nodeKey: nodeKey.publicKey, descriptorBytes: descriptorBytes,
-                                 signature: nodeKey.sign(payload, domain: .nodeRegistration)))
+                                 signature: nodeKey.sign(payload, domain: .tunnelRegistration)))
             let token: [UInt8]
             switch try await inbound.next() {
             case .accepted(let sessionToken)?: token = sessionToken
@@ -122,6 +122,7 @@ struct TunnelClient: Sendable {
                 logger.info("re-delivering unacknowledged receipts", metadata: ["router": "\(router.address)", "count": "\(unacknowledged.count)"])
             }
             for receipt in unacknowledged {
+                logger.debug("receipt re-delivered", metadata: ["request": "\(receipt.body.requestID)", "receipt": "\(receipt.id.hex)"])
                 sink.yield(.receipt(bodyBytes: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))
             }
             try await withThrowingTaskGroup(of: Void.self) { group in

@@ -1,0 +1,99 @@
+import EdgeMatrixCore
+import Foundation
+import GRDB
+
+/// The compute node's receipt outbox on disk (DATA_DIR/outbox.sqlite): every receipt the node signed that its
+/// router has not acknowledged yet. A receipt is written before it is sent and deleted once acknowledged, both
+/// durably (WAL, synchronous=FULL), so a node killed with kill -9 re-delivers exactly the unacknowledged ones.
+public final class ReceiptOutboxStore: Sendable {
+    /// One change to the outbox; a batch of them is applied in one transaction (one fsync).
+    public enum Change: Sendable {
+        case add(Receipt)
+        case remove(Hash32)
+    }
+
+    let pool: DatabasePool
+    public let path: String
+
+    public init(path: String) throws {
+        self.path = path
+        pool = try DurableDatabase.open(path: path)
+        do { try Self.migrator.migrate(pool) } catch {
+            throw StoreError.cannotOpen(path: path, reason: "\(error)")
+        }
+    }
+
+    static var migrator: DatabaseMigrator {
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("v1-outbox") { db in
+            try db.create(table: "outbox_receipt") { t in
+                // The order receipts were signed in: oldest first is the order they are re-delivered and dropped.
+                t.autoIncrementedPrimaryKey("seq")
+                t.column("receipt_id", .text).notNull().unique(onConflict: .ignore)
+                t.column("router_id", .text).notNull()
+                t.column("body", .blob).notNull()
+                t.column("node_signature", .blob).notNull()
+            }
+        }
+        return migrator
+    }
+
+    /// Applies the changes, in order, in one transaction; returns once they are durable.
+    public func apply(_ changes: [Change]) async throws {
+        guard !changes.isEmpty else { return }
+        try await pool.write { db in
+            for change in changes {
+                switch change {
+                case .add(let receipt):
+                    try db.execute(sql: """
+                        INSERT OR IGNORE INTO outbox_receipt (receipt_id, router_id, body, node_signature) VALUES (?, ?, ?, ?)
+                        """, arguments: [receipt.id.hex, receipt.body.routerID.description,
+                                         Data(receipt.bodyBytes), Data(receipt.nodeSignature)])
+                case .remove(let id):
+                    try db.execute(sql: "DELETE FROM outbox_receipt WHERE receipt_id = ?", arguments: [id.hex])
+                }
+            }
+        }
+    }
+
+    /// Number of receipts stored.
+    public func count() throws -> Int {
+        let count = try pool.read { db in try Int64.fetchOne(db, sql: "SELECT COUNT(*) FROM outbox_receipt") ?? 0 }
+        guard let result = Int(exactly: count) else { throw StoreError.outOfRange("outbox row count \(count)") }
+        return result
+    }
+
+    /// Deletes all but the newest `capacity` receipts (a file written under a larger capacity, say) and returns how
+    /// many it deleted.
+    @discardableResult
+    public func trim(keepingNewest capacity: Int) throws -> Int {
+        guard let keep = Int64(exactly: max(0, capacity)) else { throw StoreError.outOfRange("outbox capacity \(capacity)") }
+        let deleted = try pool.write { db -> Int in
+            try db.execute(sql: """
+                DELETE FROM outbox_receipt WHERE seq NOT IN (SELECT seq FROM outbox_receipt ORDER BY seq DESC LIMIT ?)
+                """, arguments: [keep])
+            return db.changesCount
+        }
+        return deleted
+    }
+
+    /// Every stored receipt, oldest first. A row whose bytes do not decode, or whose id does not match them, is a
+    /// corrupt file, reported rather than re-sent.
+    public func load() throws -> [Receipt] {
+        let rows = try pool.read { db in
+            try Row.fetchAll(db, sql: "SELECT seq, receipt_id, body, node_signature FROM outbox_receipt ORDER BY seq")
+        }
+        return try rows.map { row in
+            let seq: Int64 = row["seq"]
+            let id: String = row["receipt_id"]
+            let body: Data = row["body"]
+            let signature: Data = row["node_signature"]
+            let receipt: Receipt
+            do { receipt = try Receipt(bodyBytes: Array(body), nodeSignature: Array(signature)) } catch {
+                throw StoreError.corruptRow("outbox receipt \(seq): \(error)")
+            }
+            guard receipt.id.hex == id else { throw StoreError.corruptRow("outbox receipt \(seq): id does not match its bytes") }
+            return receipt
+        }
+    }
+}
