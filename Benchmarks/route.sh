@@ -20,7 +20,7 @@ if [ -z "$EMC" ]; then
   EMC=.build-release/release/emc
 fi
 WORK="$(mktemp -d /tmp/emc-bench-route.XXXXXX)"
-BACKEND_PORT=18901; PROXY_PORT=18902; HTTP_PORT=18903; TUNNEL_PORT=18904
+BACKEND_PORT=18901; PROXY_PORT=18902; HTTP_PORT=18903; TUNNEL_PORT=18904; CHAIN_PORT=18905; P2P_PORT=18906
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -47,7 +47,16 @@ http {
 NGINX
 nginx -c "$WORK/nginx.conf"
 
+# A one-validator chain: the router admits only compute nodes registered there.
+"$EMC" genesis new --validators 1 --out "$WORK/chain" --base-port $P2P_PORT >/dev/null
+LOG_LEVEL=warning "$EMC" node --role validator --genesis "$WORK/chain/genesis.json" --data-dir "$WORK/chain/validator-1" \
+  --http-port $CHAIN_PORT --p2p-port $P2P_PORT > "$WORK/validator.log" 2>&1 & pids+=($!)
+export EMC_NODE_URL="http://127.0.0.1:$CHAIN_PORT"
+for _ in $(seq 1 100); do "$EMC" query status >/dev/null 2>&1 && break; sleep 0.2; done
 mkdir -p "$WORK/router" "$WORK/compute"
+"$EMC" keys new --data-dir "$WORK/compute" >/dev/null
+"$EMC" tx stake bond --role compute --amount 100 --lock-days 7 --key "$WORK/chain/funded.key" >/dev/null
+"$EMC" tx node register --role compute --node-key "$WORK/compute/node.key" --key "$WORK/chain/funded.key" >/dev/null
 "$EMC" keys new --data-dir "$WORK/router" >/dev/null
 ROUTER_KEY=$("$EMC" keys show --data-dir "$WORK/router" | awk '/public key/ {print $3}')
 API_KEY=$("$EMC" keys api --data-dir "$WORK/router" --label bench)
@@ -56,7 +65,7 @@ cat > "$WORK/compute/config.json" <<JSON
   "max_concurrent": 128,
   "apps": [{ "name": "bench", "kind": "rest", "base_url": "http://127.0.0.1:$BACKEND_PORT" }] }
 JSON
-LOG_LEVEL=warning "$EMC" node --role router --data-dir "$WORK/router" --http-port $HTTP_PORT --tunnel-port $TUNNEL_PORT --seed 1 \
+LOG_LEVEL=warning "$EMC" node --role router --data-dir "$WORK/router" --http-port $HTTP_PORT --tunnel-port $TUNNEL_PORT --seed 1 --chain "$EMC_NODE_URL" \
   > "$WORK/router.log" 2>&1 & pids+=($!)
 sleep 1
 LOG_LEVEL=warning "$EMC" node --role compute --config "$WORK/compute/config.json" --data-dir "$WORK/compute" \
