@@ -69,7 +69,7 @@ struct TunnelClient: Sendable {
             // An IP literal must not go into TLS SNI, so it is dialled as an address, not a name.
             target: host.split(separator: ".").count == 4 && host.allSatisfy({ $0.isNumber || $0 == "." })
                 ? .ipv4(address: host, port: port) : .dns(host: host, port: port),
-            transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: router.key),
+            transportSecurity: NodeTLS.clientSecurity(pinnedServer: router.key),
             config: .defaults { $0.backoff = .init(initial: .milliseconds(200), max: .seconds(2), multiplier: 2, jitter: 0.2) }
         )
         let client = GRPCClient(transport: transport)

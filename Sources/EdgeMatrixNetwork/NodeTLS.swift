@@ -19,12 +19,14 @@ public enum NodeTLSError: Error, CustomStringConvertible, Sendable {
     }
 }
 
-/// Mutual TLS bound to both ends' Ed25519 node keys, for validator-to-validator links.
+/// TLS bound to Ed25519 node keys, with no CA: for the router tunnel (the router's key, pinned by compute nodes)
+/// and, mutually, for validator-to-validator links.
 ///
-/// Each node serves and presents a self-signed ECDSA P-256 certificate carrying an extension with its node key and
-/// that key's signature (domain `tlsBinding`) over the certificate's SubjectPublicKeyInfo. A client accepts only a
-/// server whose certificate is bound to the key it pinned; a server accepts only a client whose certificate is
-/// bound to a key it admits (the chain's validators). No RPC, GetBlocks included, runs on a link that fails this.
+/// A node serves (and, on mutual links, presents) a self-signed ECDSA P-256 certificate carrying an extension with
+/// its node key and that key's signature (domain `tlsBinding`) over the certificate's SubjectPublicKeyInfo. A client
+/// accepts only a server whose certificate is bound to the key it pinned; a validator accepts only a client whose
+/// certificate is bound to a key it admits (the chain's validators), so no RPC, GetBlocks included, runs on a link
+/// that fails this.
 public struct NodeTLS: Sendable {
     /// Private-arc OID for the binding extension: 32-byte node key ‖ 64-byte signature.
     public static let bindingOID: ASN1ObjectIdentifier = [1, 3, 6, 1, 4, 1, 59_111, 1, 2]
@@ -104,6 +106,21 @@ public struct NodeTLS: Sendable {
             config.clientCertificateVerification = .noHostnameVerification
             config.customVerificationCallback = Self.verifier(admit)
         }
+    }
+
+    /// Server side without client certificates (the router tunnel: compute nodes prove their keys by signature).
+    public func serverSecurity() -> HTTP2ServerTransport.Posix.TransportSecurity {
+        .tls(.defaults(certificateChain: [.bytes(Array(certificatePEM.utf8), format: .pem)],
+                       privateKey: .bytes(Array(privateKeyPEM.utf8), format: .pem)))
+    }
+
+    /// Client side without a certificate of its own: accepts only a server bound to `pinned` (a compute node dialling
+    /// its router).
+    public static func clientSecurity(pinnedServer pinned: PublicKey) -> HTTP2ClientTransport.Posix.TransportSecurity {
+        .tls(.defaults { config in
+            config.serverCertificateVerification = .noHostnameVerification
+            config.customVerificationCallback = verifier { $0 == pinned }
+        })
     }
 
     /// Client side: presents this node's certificate and accepts only a server bound to `pinned`.

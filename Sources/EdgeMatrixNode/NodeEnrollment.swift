@@ -19,14 +19,13 @@ public struct NodeEnrollment: Sendable {
     public enum Failure: Error, CustomStringConvertible {
         case retired(NodeID)
         case notEligible(NodeID, String)
-        case failed(String, [String: Any])
+        case failed(String, reason: String)
 
         public var description: String {
             switch self {
             case .retired(let id): "node \(id) is retired on chain; retired nodes cannot come back: use a new node key"
             case .notEligible(let id, let why): "node \(id) is registered but cannot serve: \(why)"
-            case .failed(let what, let tx):
-                "\(what) failed: \(((tx["error"] as? [String: Any])?["message"] as? String) ?? "\(tx)")"
+            case .failed(let what, let reason): "\(what) failed: \(reason)"
             }
         }
     }
@@ -54,7 +53,7 @@ public struct NodeEnrollment: Sendable {
             progress("bonding \(stake) EMC as \(role.rawValue) stake for \(lockDays) days")
             try await commit(.bond(Bond(role: role, amount: stake, lockDays: lockDays)), chainID: chainID, what: "bond")
             guard let fresh = try await unusedStake(role: role, atLeast: stake, used: used) else {
-                throw Failure.failed("bond", ["error": ["message": "the bonded stake does not show in /stakes"]])
+                throw Failure.failed("bond", reason: "the bonded stake does not show in /stakes")
             }
             stakeID = fresh
         }
@@ -79,7 +78,9 @@ public struct NodeEnrollment: Sendable {
         let tx = Transaction(signing: TransactionBody(chainID: chainID, createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
                                                       kind: kind), with: owner)
         let result = try await client.waitForCommit(hash: try await client.submit(tx))
-        guard result["status"] as? String == "committed" else { throw Failure.failed(what, result) }
+        guard result["status"] as? String == "committed" else {
+            throw Failure.failed(what, reason: ((result["error"] as? [String: Any])?["message"] as? String) ?? "\(result)")
+        }
     }
 }
 

@@ -80,7 +80,7 @@ public struct RouterService: Service {
                                       admission: admission, logger: logger)
         let admission = admission
         let pool = pool
-        let tls = try TunnelTLS.loadOrCreate(in: configuration.dataDirectory, routerKey: key)
+        let tls = try NodeTLS.loadOrCreate(in: configuration.dataDirectory, name: "tunnel", key: key)
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.tunnelHost, port: configuration.tunnelPort),
             transportSecurity: tls.serverSecurity(),

@@ -5,7 +5,9 @@ import Testing
 
 /// Safety and liveness of the whole protocol under faults, over many seeds.
 /// EMC_SIM_SEEDS=N runs N seeds (default 1,000); EMC_SIM_SEED=S replays one seed with a trace (EMC_SIM_TRACE=1).
-@Suite("Deterministic simulation")
+// Serialized: each lane is a CPU-bound loop that holds a thread of the cooperative pool (2 threads here) for seconds;
+// one lane at a time leaves the other thread to the suites that run beside it.
+@Suite("Deterministic simulation", .serialized)
 struct SimulationTests {
     static let environment = ProcessInfo.processInfo.environment
     static let seedCount = UInt64(environment["EMC_SIM_SEEDS"] ?? "") ?? 1000

@@ -239,20 +239,36 @@ actor RegistryChain {
         return started.url()
     }
 
-    /// Bonds a compute stake and registers `key` as a compute node (one enrollment at a time: they share the funded
-    /// account and its stakes).
-    func enroll(_ key: SigningKey) async throws {
-        let url = try await url()
+    /// Runs chain work signed by the funded account, one piece at a time: enrollments share that account and its
+    /// stakes, so two at once could pick the same stake.
+    private func serialized(_ work: @escaping @Sendable (ChainClient, SigningKey) async throws -> Void) async throws {
+        let client = ChainClient(baseURL: try await url())
         let funded = try chain!.funded
         let previous = tail
         let task = Task {
             _ = await previous?.result
-            let minimum = LedgerParameters.standard.staking.compute
-            try await NodeEnrollment(client: ChainClient(baseURL: url), owner: funded)
-                .enroll(node: key, role: .compute, stake: minimum.minimumStake, lockDays: minimum.minimumLockDays, endpoints: [])
+            try await work(client, funded)
         }
         tail = task
         try await task.value
+    }
+
+    /// Bonds a compute stake and registers `key` as a compute node.
+    func enroll(_ key: SigningKey) async throws {
+        try await serialized { client, funded in
+            let minimum = LedgerParameters.standard.staking.compute
+            try await NodeEnrollment(client: client, owner: funded)
+                .enroll(node: key, role: .compute, stake: minimum.minimumStake, lockDays: minimum.minimumLockDays, endpoints: [])
+        }
+    }
+
+    /// Registers a router with its tunnel address, so compute nodes can find it in the registry.
+    func enrollRouter(_ key: SigningKey, tunnelAddress: String) async throws {
+        try await serialized { client, funded in
+            let minimum = LedgerParameters.standard.staking.router
+            try await NodeEnrollment(client: client, owner: funded)
+                .enroll(node: key, role: .router, stake: minimum.minimumStake, lockDays: minimum.minimumLockDays, endpoints: [tunnelAddress])
+        }
     }
 
     /// The key file of the chain's funded account (owner of every node `enroll` registers).
@@ -261,29 +277,14 @@ actor RegistryChain {
         return chain!.layout.fundedKeyPath
     }
 
-    /// Registers a router with its tunnel address, so compute nodes can find it in the registry.
-    func enrollRouter(_ key: SigningKey, tunnelAddress: String) async throws {
-        let url = try await url()
-        let funded = try chain!.funded
-        let previous = tail
-        let task = Task {
-            _ = await previous?.result
-            let minimum = LedgerParameters.standard.staking.router
-            try await NodeEnrollment(client: ChainClient(baseURL: url), owner: funded)
-                .enroll(node: key, role: .router, stake: minimum.minimumStake, lockDays: minimum.minimumLockDays, endpoints: [tunnelAddress])
-        }
-        tail = task
-        try await task.value
-    }
-
     /// Retires a node registered by `enroll` (its owner, the funded account, signs).
     func retire(_ nodeKey: PublicKey) async throws {
-        let url = try await url()
-        let client = ChainClient(baseURL: url)
-        let tx = Transaction(signing: TransactionBody(chainID: try await client.chainID(), createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
-                                                      kind: .retireNode(nodeKey: nodeKey)), with: try chain!.funded)
-        let result = try await client.waitForCommit(hash: try await client.submit(tx))
-        guard result["status"] as? String == "committed" else { throw HarnessError.processFailed("retire: \(result)") }
+        try await serialized { client, funded in
+            let tx = Transaction(signing: TransactionBody(chainID: try await client.chainID(), createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
+                                                          kind: .retireNode(nodeKey: nodeKey)), with: funded)
+            let result = try await client.waitForCommit(hash: try await client.submit(tx))
+            guard result["status"] as? String == "committed" else { throw HarnessError.processFailed("retire: \(result)") }
+        }
     }
 }
 

@@ -126,7 +126,7 @@ enum HostileNode {
         try await network.enroll(key)  // registered on chain: hostile, but admitted, so every check past admission is exercised
         let routerKey = network.routerKey.publicKey
         let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: network.tunnelPort),
-                                                       transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: routerKey))
+                                                       transportSecurity: NodeTLS.clientSecurity(pinnedServer: routerKey))
         return try await withGRPCClient(transport: transport) { client in
             let (outbound, control) = AsyncStream<RawFrame>.makeStream()
             let session = HostileSession(key: key, routerKey: routerKey, client: client, control: control)
@@ -442,7 +442,7 @@ struct HostileComputeNodeTests {
         try await network.startRouter()
         let transport = try HTTP2ClientTransport.Posix(
             target: .ipv4(address: "127.0.0.1", port: network.tunnelPort),
-            transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: network.routerKey.publicKey))
+            transportSecurity: NodeTLS.clientSecurity(pinnedServer: network.routerKey.publicKey))
         let started = ContinuousClock.now
         try await withGRPCClient(transport: transport) { client in
             let silence = StreamingClientRequest<RawFrame> { _ in try await Task.sleep(for: .seconds(60)) }

@@ -14,7 +14,7 @@ struct TunnelSecurityTests {
     func handshake(port: Int, routerKey: PublicKey, play: @escaping @Sendable (_ challenge: RouterControlMessage, _ nodeNonce: [UInt8]) -> NodeControlMessage)
         async throws -> RouterControlMessage? {
         let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: port),
-                                                       transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: routerKey))
+                                                       transportSecurity: NodeTLS.clientSecurity(pinnedServer: routerKey))
         return try await withGRPCClient(transport: transport) { client in
             let nodeNonce = TunnelHandshake.randomNonce()
             let (outbound, sink) = AsyncStream<NodeControlMessage>.makeStream()
@@ -134,7 +134,7 @@ struct TunnelSecurityTests {
     /// Dials the control stream as a node pinning `pinned`, sends hello, and returns the router's first message.
     func firstControlMessage(port: Int, pinned: PublicKey) async throws -> RouterControlMessage? {
         let transport = try HTTP2ClientTransport.Posix(target: .ipv4(address: "127.0.0.1", port: port),
-                                                       transportSecurity: TunnelTLS.clientSecurity(pinnedRouterKey: pinned))
+                                                       transportSecurity: NodeTLS.clientSecurity(pinnedServer: pinned))
         return try await withGRPCClient(transport: transport) { client in
             var options = CallOptions.defaults
             options.timeout = .seconds(10)
@@ -175,10 +175,12 @@ struct TunnelSecurityTests {
         let cause = String(reflecting: try #require(error.cause, "no cause: \(error)"))
         #expect(cause.contains("handshakeFailed") && cause.contains("CERTIFICATE_VERIFY_FAILED"), "not a TLS verification failure: \(cause)")
         // The same check, in process: a certificate bound to the real router key verifies only under that key.
-        let tls = try TunnelTLS.make(routerKey: network.routerKey)
+        let tls = try NodeTLS.make(key: network.routerKey)
         let der = try pemToDER(tls.certificatePEM)
-        try TunnelTLS.verifyBinding(certificateDER: der, routerKey: network.routerKey.publicKey)
-        #expect(throws: TunnelTLSError.self) { try TunnelTLS.verifyBinding(certificateDER: der, routerKey: SigningKey().publicKey) }
+        #expect(NodeTLS.boundKey(certificateDER: der) == network.routerKey.publicKey)
+        var tampered = der
+        tampered[tampered.count - 70] ^= 1  // inside the signature over the certificate or the binding
+        #expect(NodeTLS.boundKey(certificateDER: tampered) != network.routerKey.publicKey)
     }
 
     @Test("the tunnel is encrypted: the router's tunnel port speaks TLS only, never plaintext gRPC")

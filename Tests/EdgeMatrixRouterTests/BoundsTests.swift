@@ -126,7 +126,8 @@ struct BoundsTests {
             Issue.record("expected a timeout, got \(timedOut)")
             return
         }
-        #expect(ContinuousClock.now - started < .seconds(5))
+        // Returned rather than hung (a generous bound: the test machine may be busy with other suites).
+        #expect(ContinuousClock.now - started < .seconds(120))
         // Too many bytes waiting is full too.
         let tooBig = await pool.waitForSlot(route: .model("m"), excluding: [], bodyBytes: 101, timeoutMs: 1_000) { _ in request("b") }
         guard case .queueFull = tooBig else {
