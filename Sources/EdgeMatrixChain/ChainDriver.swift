@@ -253,7 +253,7 @@ actor ChainDriver {
         seen.removeAll()
         blocksCommitted.increment()
         txsCommitted.increment(by: block.transactions.count)
-        heightGauge.record(Int64(height))
+        heightGauge.record(Int64(clamping: height))
         view.publish(ChainSnapshot(ledger: newLedger, height: height, blockHash: hash, stateRoot: result.stateRoot,
                                    timeMillis: block.timeMillis, validators: committed.nextValidators),
                      event: BlockEvent(height: height, hash: hash, timeMillis: block.timeMillis, txCount: block.transactions.count,

@@ -6,6 +6,9 @@ import Synchronization
 public protocol NodeAdmission: Sendable {
     /// nil when `nodeKey` may serve now; otherwise the refusal a dialling node is told.
     func refusal(for nodeKey: PublicKey) -> AdmissionRefusal?
+    /// Waits (at most `limit`) until the admitted set has been read once, so that nodes dialling a router that has
+    /// just started are judged on the registry rather than refused and sent into backoff.
+    func waitUntilKnown(within limit: Duration) async
 }
 
 public struct AdmissionRefusal: Error, Equatable, Sendable, CustomStringConvertible {
@@ -58,6 +61,13 @@ public final class RegisteredNodes: NodeAdmission {
         return AdmissionRefusal(code: "not_registered",
                                 message: "node \(nodeKey.nodeID) is not an active compute node with a bonded compute stake on chain; "
                                     + "register it with `emc tx node register` (or `emc join`)")
+    }
+
+    public func waitUntilKnown(within limit: Duration) async {
+        let deadline = ContinuousClock.now + limit
+        while height == nil, ContinuousClock.now < deadline, !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
     }
 
     public func finish() { changes.finish() }

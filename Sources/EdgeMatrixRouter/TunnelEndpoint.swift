@@ -249,6 +249,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
                              "registration signature does not verify for node key \(nodeKey.hex); the node must sign with the key it registers")
         }
         // Only a compute node the chain has registered, with a bonded compute stake, serves.
+        await admission.waitUntilKnown(within: .seconds(5))
         if let refusal = admission.refusal(for: nodeKey) {
             Counter(label: "emc_router_registrations_unadmitted_total").increment()
             try await reject(writer, code: refusal.code, refusal.message)
