@@ -1,4 +1,4 @@
-import EdgeMatrixCore
+
 
 /// An ICRC-1 subaccount: exactly 32 bytes. The all-zero subaccount is the default one and is never stored
 /// (an `Account` normalises it to `nil`), so one account has exactly one representation.
