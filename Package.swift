@@ -124,8 +124,14 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .testTarget(name: "EdgeMatrixCoreTests", dependencies: ["EdgeMatrixCore"]),
-        .testTarget(name: "EdgeMatrixLedgerTests", dependencies: ["EdgeMatrixLedger", "EdgeMatrixCore"]),
+        .testTarget(
+            name: "EdgeMatrixCoreTests",
+            dependencies: ["EdgeMatrixCore", .product(name: "PropertyBased", package: "swift-property-based")]
+        ),
+        .testTarget(
+            name: "EdgeMatrixLedgerTests",
+            dependencies: ["EdgeMatrixLedger", "EdgeMatrixCore", .product(name: "PropertyBased", package: "swift-property-based")]
+        ),
         .testTarget(
             name: "EdgeMatrixConsensusTests",
             dependencies: ["EdgeMatrixConsensus", "EdgeMatrixCore", "EdgeMatrixApplication", "EdgeMatrixLedger"]

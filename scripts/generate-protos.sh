@@ -41,11 +41,17 @@ rm -f "$OUT"/*.pb.swift "$OUT"/*.grpc.swift
 
 PROTOS=$(cd proto && find . -name '*.proto' | sed 's|^\./||' | sort)
 for file in $PROTOS; do
+    # gRPC stubs only for files that declare a service (messages-only files, such as ledger/v1, get none).
+    GRPC_ARGS=()
+    if grep -q '^service ' "proto/$file"; then
+        GRPC_ARGS=(--grpc-swift_out="../$OUT"
+                   --grpc-swift_opt=Visibility=Public,FileNaming=PathToUnderscores,Client=true,Server=true)
+    fi
     (cd proto && "$PROTOC" \
         --plugin=protoc-gen-swift="$PROTOC_GEN_SWIFT" \
         --plugin=protoc-gen-grpc-swift="$PROTOC_GEN_GRPC_SWIFT" \
         --swift_out="../$OUT" --swift_opt=Visibility=Public,FileNaming=PathToUnderscores \
-        --grpc-swift_out="../$OUT" --grpc-swift_opt=Visibility=Public,FileNaming=PathToUnderscores,Client=true,Server=true \
+        "${GRPC_ARGS[@]}" \
         "$file")
 done
 ls -1 "$OUT"

@@ -2,6 +2,7 @@ import EdgeMatrixApplication
 import EdgeMatrixConsensus
 import EdgeMatrixCore
 import EdgeMatrixLedger
+import EdgeMatrixNetwork
 import EdgeMatrixStore
 import Foundation
 import HTTPTypes
@@ -135,7 +136,13 @@ struct ChainAPI: Sendable {
                 throw ChainAPIError(.contentTooLarge, "too_large", "the body exceeds \(limit) bytes; a transaction is at most \(Mempool.maxTransactionBytes) bytes")
             }
             let body = Array(buffer: collected)
-            let bytes = decodeTxBody(body)
+            // Content-Type application/x-protobuf: an edgematrix.ledger.v1.SignedTransaction (proto/edgematrix/ledger/v1).
+            let bytes: [UInt8]
+            if request.headers[.contentType]?.lowercased().hasPrefix("application/x-protobuf") == true {
+                do { bytes = try SignedTransactionWire.envelope(protobufBytes: body) } catch {
+                    throw ChainAPIError.badRequest("malformed", "\(error)")
+                }
+            } else { bytes = decodeTxBody(body) }
             do throws(MempoolRejection) {
                 let id = try node.submit(bytes)
                 return jsonResponse(["hash": id.hex, "status": "pending"], status: .accepted)
@@ -185,6 +192,28 @@ struct ChainAPI: Sendable {
             }
             return jsonResponse(["height": s.height, "nodes": nodes] as [String: Any])
         }
+        router.get("/params") { _, _ in
+            // Every ledger parameter under its genesis JSON key, and the values derived from them.
+            let s = view.current
+            let parameters = s.ledger.parameters
+            return jsonResponse(["height": s.height, "chain_id": s.ledger.chainID, "parameters": try encodable(parameters),
+                                 "derived": ["escrow_withdraw_delay_blocks": parameters.escrowWithdrawDelayBlocks]] as [String: Any])
+        }
+        router.get("/escrow/:account") { _, context in
+            let account = try parseAccount(context.parameters.get("account"))
+            let s = view.current
+            return jsonResponse(["account": account.description, "height": s.height,
+                                 "escrows": s.ledger.escrows(of: account).map { escrowJSON($0, ledger: s.ledger) }] as [String: Any])
+        }
+        router.get("/escrows") { request, _ in
+            guard let text = request.uri.queryParameters["router"], let router = try? PublicKey(hex: String(text)) else {
+                throw ChainAPIError.badRequest("invalid_router", "give router=<the router's node key, 64 hex digits>")
+            }
+            let s = view.current
+            return jsonResponse(["router": router.hex, "height": s.height, "cap": s.ledger.escrowCap(router: router).description,
+                                 "held": s.ledger.escrowHeld(router: router).description,
+                                 "escrows": s.ledger.escrows(withRouter: router).map { escrowJSON($0, ledger: s.ledger) }] as [String: Any])
+        }
         router.get("/events/blocks") { _, _ in
             let stream = view.subscribe()
             let body = ResponseBody { writer in
@@ -227,6 +256,14 @@ func encodable<T: Encodable>(_ value: T) throws -> Any {
     return try JSONSerialization.jsonObject(with: encoder.encode(value), options: [.fragmentsAllowed])
 }
 
+/// One escrow as the API shows it (amounts as EMC strings, with base units alongside).
+func escrowJSON(_ e: Escrow, ledger: LedgerState) -> [String: Any] {
+    ["account": e.payer.description, "router": e.router.hex, "router_id": e.router.nodeID.description,
+     "balance": e.balance.description, "pending": e.pending.description, "available": e.available.description,
+     "balance_base_units": e.balance.baseUnits, "pending_base_units": e.pending.baseUnits, "available_base_units": e.available.baseUnits,
+     "withdrawable_at_height": e.withdrawableAtHeight.map { $0 as Any } ?? NSNull()]
+}
+
 func txJSON(_ tx: Transaction) -> [String: Any] {
     var object: [String: Any] = ["hash": tx.id.hex, "signer": tx.signer.hex, "from": Account(owner: tx.signer).description,
                                  "created_at_ms": tx.body.createdAtMillis, "kind": tx.body.kind.name]
@@ -238,6 +275,23 @@ func txJSON(_ tx: Transaction) -> [String: Any] {
         object["amount"] = transfer.amount.description
         if let fee = transfer.fee { object["fee"] = fee.description }
         if let memo = transfer.memo { object["memo_hex"] = Hex.encode(memo) }
+    }
+    switch tx.body.kind {
+    case .escrowOpen(let o):
+        object["from"] = Account(owner: tx.signer, subaccount: o.fromSubaccount).description
+        object["router"] = o.router.hex
+        object["amount"] = o.amount.description
+    case .escrowWithdraw(let w):
+        object["from"] = Account(owner: tx.signer, subaccount: w.subaccount).description
+        object["router"] = w.router.hex
+    case .setPrices(let p):
+        object["node_key"] = p.nodeKey.hex
+        object["prices"] = (try? encodable(p.prices)) ?? []
+    case .setRouterFee(let f):
+        object["node_key"] = f.nodeKey.hex
+        object["router_fee_bps"] = f.feeBps
+    default:
+        break
     }
     return object
 }

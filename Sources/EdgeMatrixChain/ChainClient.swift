@@ -99,6 +99,30 @@ public struct ChainClient: Sendable {
         return stakes
     }
 
+    /// `GET /params`: the `parameters` object, keyed exactly as in the genesis JSON.
+    public func parameters() async throws -> [String: Any] {
+        guard let parameters = try await get("/params")["parameters"] as? [String: Any] else {
+            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /params did not return a `parameters` object")
+        }
+        return parameters
+    }
+
+    /// `GET /escrow/{account}`: every escrow of exactly this account (one per router).
+    public func escrows(of account: Account) async throws -> [[String: Any]] {
+        guard let escrows = try await get("/escrow/\(Self.pathComponent(account.description))")["escrows"] as? [[String: Any]] else {
+            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /escrow did not return an `escrows` array")
+        }
+        return escrows
+    }
+
+    /// `GET /escrows?router=KEY`: every escrow held with a router.
+    public func escrows(router: PublicKey) async throws -> [[String: Any]] {
+        guard let escrows = try await get("/escrows?router=\(router.hex)")["escrows"] as? [[String: Any]] else {
+            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /escrows did not return an `escrows` array")
+        }
+        return escrows
+    }
+
     /// Percent-encodes one path segment.
     public static func pathComponent(_ text: String) -> String {
         var allowed = CharacterSet.alphanumerics
@@ -152,12 +176,22 @@ public enum DevnetGenesis {
 
     /// Writes a new genesis for `endpoints.count` validators (endpoint i is validator i's peer address).
     @discardableResult
+    /// `configure` may change any parameter after the devnet defaults are set; the result is validated as every
+    /// genesis is (the error names the field, e.g. `parameters.protocol_fee_bps`) before anything is written.
     public static func create(directory: String, chainID: String, endpoints: [String], overwrite: Bool = false,
-                              epochLengthBlocks: UInt64 = DevnetGenesis.epochLengthBlocks) throws -> Genesis {
+                              epochLengthBlocks: UInt64 = DevnetGenesis.epochLengthBlocks,
+                              configure: (inout LedgerParameters) -> Void = { _ in }) throws -> Genesis {
         let layout = Layout(directory: directory)
         if !overwrite, FileManager.default.fileExists(atPath: layout.genesisPath) {
             throw ChainError.genesis("\(layout.genesisPath) already exists; pass --force to replace it")
         }
+        // Devnet timing: short epochs and windows (challenge and audit half an epoch), so settlements finish in seconds.
+        var parameters = LedgerParameters.devnet(epochLengthBlocks: epochLengthBlocks)
+        configure(&parameters)
+        // Check the parameters before any key is written (the full genesis is validated again below).
+        let probe = Genesis.devnet(chainID: chainID, genesisTimeMillis: 0,
+                                   validators: [.init(nodeKey: SigningKey().publicKey, owner: SigningKey().publicKey)], parameters: parameters)
+        do { try probe.validate() } catch { throw ChainError.genesis("\(error)") }
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         var validators = [Genesis.DevnetValidator]()
         for (i, endpoint) in endpoints.enumerated() {
@@ -169,8 +203,6 @@ public enum DevnetGenesis {
         }
         let funded = SigningKey()
         try KeyFile.write(funded, to: layout.fundedKeyPath, overwrite: true)
-        var parameters = LedgerParameters.standard
-        parameters.epochLengthBlocks = epochLengthBlocks
         let genesis = Genesis.devnet(chainID: chainID, genesisTimeMillis: wallClockMillis(), validators: validators,
                                      fundedAccounts: [Account(owner: funded.publicKey)], parameters: parameters)
         do { try genesis.validate() } catch { throw ChainError.genesis("\(error)") }

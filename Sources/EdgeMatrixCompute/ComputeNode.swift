@@ -118,7 +118,7 @@ public final class ComputeNode: Service, WorkServer {
 
     public func inFlight() -> UInt32 { inFlightCount.load(ordering: .relaxed) }
 
-    public func serve(_ work: WorkRequest, routerID: NodeID, emit: @Sendable (NodeWorkMessage) async -> Void) async {
+    public func serve(_ work: WorkRequest, router: PublicKey, emit: @Sendable (NodeWorkMessage) async -> Void) async {
         guard let app = apps[work.app] else {
             await emit(.failed(code: "unknown_app", message: "this node has no app named '\(work.app)'"))
             return
@@ -126,7 +126,8 @@ public final class ComputeNode: Service, WorkServer {
         inFlightCount.add(1, ordering: .relaxed)
         defer { inFlightCount.subtract(1, ordering: .relaxed) }
         let started = Self.nowMillis()
-        let requestHash = Hash32.of(work.canonicalBytes)
+        let requestHash = ReceiptBody.requestHash(method: work.method, path: work.path, contentType: work.contentType,
+                                                  stream: work.stream, body: work.body)
         let answer: LocalAnswer
         do {
             answer = try await app.send(work)
@@ -139,12 +140,14 @@ public final class ComputeNode: Service, WorkServer {
         health.withLock { $0[work.app]?.failedProbes = 0 }
         await emit(.head(status: answer.status, contentType: answer.contentType))
         var hasher = StreamingHasher()
+        var relayedBytes: UInt64 = 0
         var collected = [UInt8]()
         let keepAnswer = app.metersAnswerBytes
         do {
             for try await buffer in answer.body {
                 let bytes = Array(buffer: buffer)
                 hasher.update(bytes)
+                relayedBytes += UInt64(bytes.count)
                 // Kept only to read the usage block; bounded so a huge answer cannot exhaust memory.
                 if keepAnswer, collected.count < 8 << 20 { collected.append(contentsOf: bytes) }
                 await emit(.chunk(bytes))
@@ -157,10 +160,13 @@ public final class ComputeNode: Service, WorkServer {
             return
         }
         let isSSE = answer.contentType.hasPrefix("text/event-stream")
-        let body = ReceiptBody(requestID: work.requestID, nodeID: nodeID, routerID: routerID, app: work.app, model: work.model,
-                               requestHash: requestHash, responseHash: hasher.finalize(),
-                               units: app.meter(work, answer: collected, isSSE: isSSE),
-                               startedAtMillis: started, endedAtMillis: Self.nowMillis(), status: answer.status)
+        // The app reports usage; the node bills no more than the bytes it relayed can carry (the router checks the same).
+        let units = BilledUnits.billed(reported: app.meter(work, answer: collected, isSSE: isSSE),
+                                       requestBytes: UInt64(work.body.count), responseBytes: relayedBytes)
+        let body = ReceiptBody(payer: work.payer, router: router, node: key.publicKey, sequence: work.sequence, attempt: work.attempt,
+                               app: work.app, model: work.model, prices: work.prices, units: units, startedAtMillis: started,
+                               endedAtMillis: Self.nowMillis(), requestHash: requestHash, responseHash: hasher.finalize(),
+                               status: answer.status)
         let receipt = Receipt(signing: body, with: key)
         Counter(label: "emc_compute_requests_total", dimensions: [("app", work.app), ("outcome", "ok")]).increment()
         await emit(.end(receiptBody: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))

@@ -11,6 +11,12 @@ public struct LocalAnswer: Sendable {
     public var status: UInt16
     public var contentType: String
     public var body: HTTPClientResponse.Body
+
+    public init(status: UInt16, contentType: String, body: HTTPClientResponse.Body) {
+        self.status = status
+        self.contentType = contentType
+        self.body = body
+    }
 }
 
 /// The result of probing a local app.
@@ -18,6 +24,12 @@ public struct AppProbe: Sendable, Equatable {
     public var healthy: Bool
     public var models: [String]
     public var detail: String
+
+    public init(healthy: Bool, models: [String], detail: String) {
+        self.healthy = healthy
+        self.models = models
+        self.detail = detail
+    }
 }
 
 /// A local AI app a compute node fronts. The seam between the node and whatever serves the work.

@@ -40,6 +40,11 @@ public actor ReceiptOutbox {
         self.capacity = max(1, capacity)
         self.logger = logger
         let store = try ReceiptOutboxStore(path: path)
+        let old = try store.dropOldVersions()
+        if old > 0 {
+            logger.warning("dropped receipts of an older receipt version from the outbox; no router accepts them any more",
+                           metadata: ["dropped": "\(old)", "version": "\(ReceiptBody.version)"])
+        }
         let trimmed = try store.trim(keepingNewest: max(1, capacity))
         var loaded: [Hash32: (sequence: UInt64, receipt: Receipt)] = [:]
         var loadedOrder: [(sequence: UInt64, id: Hash32)] = []

@@ -29,7 +29,7 @@ public protocol WorkServer: Sendable {
     func descriptor() async -> NodeDescriptor
     func healthyApps() async -> [String]
     func inFlight() -> UInt32
-    func serve(_ request: WorkRequest, routerID: NodeID, emit: @Sendable (NodeWorkMessage) async -> Void) async
+    func serve(_ request: WorkRequest, router: PublicKey, emit: @Sendable (NodeWorkMessage) async -> Void) async
 }
 
 /// One compute node's tunnel to one router: dials out, proves both keys, keeps Work streams open, reconnects.
@@ -93,7 +93,7 @@ struct TunnelClient: Sendable {
         defer { sink.finish() }
         try await client.bidirectionalStreaming(
             request: request, descriptor: TunnelService.control,
-            serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+            serializer: ProtobufWireSerializer<NodeControlMessage>(), deserializer: ProtobufWireDeserializer<RouterControlMessage>(),
             options: .defaults
         ) { response in
             var inbound = response.messages.makeAsyncIterator()
@@ -122,12 +122,13 @@ struct TunnelClient: Sendable {
                 logger.info("re-delivering unacknowledged receipts", metadata: ["router": "\(router.address)", "count": "\(unacknowledged.count)"])
             }
             for receipt in unacknowledged {
-                logger.debug("receipt re-delivered", metadata: ["request": "\(receipt.body.requestID)", "receipt": "\(receipt.id.hex)"])
+                logger.debug("receipt re-delivered", metadata: ["request": "\(receipt.body.sequence)", "attempt": "\(receipt.body.attempt)",
+                                                             "receipt": "\(receipt.id.hex)"])
                 sink.yield(.receipt(bodyBytes: receipt.bodyBytes, nodeSignature: receipt.nodeSignature))
             }
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for _ in 0..<maxConcurrent {
-                    group.addTask { try await workLoop(client, token: token, routerID: routerKey.nodeID, control: sink) }
+                    group.addTask { try await workLoop(client, token: token, routerKey: routerKey, control: sink) }
                 }
                 group.addTask {
                     while true {
@@ -145,7 +146,7 @@ struct TunnelClient: Sendable {
                         if let id = Hash32(hex: idHex), let receipt = await outbox.acknowledge(id) {
                             Counter(label: "emc_compute_receipts_refused_total").increment()
                             logger.error("router refused a receipt; dropped it", metadata: [
-                                "router": "\(router.address)", "request": "\(receipt.body.requestID)", "receipt": "\(idHex)",
+                                "router": "\(router.address)", "request": "\(receipt.body.sequence)", "receipt": "\(idHex)",
                             ])
                         }
                     default:
@@ -162,11 +163,12 @@ struct TunnelClient: Sendable {
     /// acknowledged (tests and operators compare it with the router's store).
     private func acknowledge(_ id: Hash32) async {
         guard let receipt = await outbox.acknowledge(id) else { return }
-        logger.debug("receipt acknowledged", metadata: ["request": "\(receipt.body.requestID)", "receipt": "\(id.hex)"])
+        logger.debug("receipt acknowledged", metadata: ["request": "\(receipt.body.sequence)", "attempt": "\(receipt.body.attempt)",
+                                                         "receipt": "\(id.hex)"])
     }
 
     /// Keeps one Work stream open at a time: offer capacity, serve the assigned request, repeat.
-    private func workLoop(_ client: GRPCClient<HTTP2ClientTransport.Posix>, token: [UInt8], routerID: NodeID,
+    private func workLoop(_ client: GRPCClient<HTTP2ClientTransport.Posix>, token: [UInt8], routerKey: PublicKey,
                           control: AsyncStream<NodeControlMessage>.Continuation) async throws {
         while !Task.isCancelled {
             // Bounded: an app answering faster than the router reads waits here, instead of piling up in memory.
@@ -180,22 +182,22 @@ struct TunnelClient: Sendable {
             options.maxResponseMessageBytes = 32 << 20
             let assigned = try await client.bidirectionalStreaming(
                 request: request, descriptor: TunnelService.work,
-                serializer: CanonicalSerializer<NodeWorkMessage>(), deserializer: CanonicalDeserializer<RouterWorkMessage>(),
+                serializer: ProtobufWireSerializer<NodeWorkMessage>(), deserializer: ProtobufWireDeserializer<RouterWorkMessage>(),
                 options: options
             ) { response in
                 defer { sink.finish() }
                 var inbound = response.messages.makeAsyncIterator()
                 guard case .assign(let work)? = try await inbound.next() else { return false }
-                logger.debug("request assigned", metadata: ["request": "\(work.requestID)"])
+                logger.debug("request assigned", metadata: ["request": "\(work.sequence)", "attempt": "\(work.attempt)"])
                 let receiptID = ReceiptIDBox()
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask {
-                        await server.serve(work, routerID: routerID) { message in
+                        await server.serve(work, router: routerKey) { message in
                             if case .end(let body, let signature) = message,
                                let receipt = try? Receipt(bodyBytes: body, nodeSignature: signature) {
                                 await outbox.add(receipt)
                                 receiptID.set(receipt.id)
-                                logger.debug("receipt signed", metadata: ["request": "\(receipt.body.requestID)"])
+                                logger.debug("receipt signed", metadata: ["request": "\(receipt.body.sequence)", "attempt": "\(receipt.body.attempt)"])
                             }
                             await sink.send(message)
                         }

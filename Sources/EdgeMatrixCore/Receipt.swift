@@ -16,76 +16,156 @@ public struct WorkUnits: Hashable, Sendable, Codable {
         case completionTokens = "completion_tokens"
         case items
     }
+
+    /// Whether no field is above the same field of `bound`.
+    public func isWithin(_ bound: WorkUnits) -> Bool {
+        promptTokens <= bound.promptTokens && completionTokens <= bound.completionTokens && items <= bound.items
+    }
 }
 
-/// What a compute node attests about one finished request. Signed by the node, countersigned by the router;
-/// the basis of settlement.
-public struct ReceiptBody: Hashable, Sendable, Codable {
-    public static let version: UInt8 = 1
+/// The billed-units rule (docs/PROTOCOL.md, "Billed units"). A node controls the `usage` its app reports, so what
+/// a receipt bills is, per field, the smaller of the reported usage and a bound computed from the bytes the router
+/// relayed. Node and router both use this one function: the node signs `billed(...)`, and the router refuses a
+/// receipt whose units exceed `bound(...)` of what it relayed itself.
+public enum BilledUnits {
+    /// A chat template adds at most this many tokens to a prompt, whatever its length.
+    public static let promptTemplateAllowance: UInt64 = 4096
 
-    public var requestID: String
-    public var nodeID: NodeID
-    public var routerID: NodeID
+    /// The most units the relayed bytes can carry: every completion token is at least one byte of answer, every
+    /// prompt token at least one byte of request (plus the template allowance), every item at least one request
+    /// byte (and a request with an empty body is still one item, e.g. a REST GET).
+    public static func bound(requestBytes: UInt64, responseBytes: UInt64) -> WorkUnits {
+        WorkUnits(promptTokens: requestBytes.addingReportingOverflow(promptTemplateAllowance).overflow
+                    ? .max : requestBytes + promptTemplateAllowance,
+                  completionTokens: responseBytes,
+                  items: max(1, requestBytes))
+    }
+
+    /// What a node signs: per field, min(reported, bound).
+    public static func billed(reported: WorkUnits, requestBytes: UInt64, responseBytes: UInt64) -> WorkUnits {
+        let bound = bound(requestBytes: requestBytes, responseBytes: responseBytes)
+        return WorkUnits(promptTokens: min(reported.promptTokens, bound.promptTokens),
+                         completionTokens: min(reported.completionTokens, bound.completionTokens),
+                         items: min(reported.items, bound.items))
+    }
+}
+
+/// What a compute node attests about one attempt at one request. Signed by the node, countersigned by the router;
+/// the one format settlement, proof of computing and rewards verify. Its identity is (router, sequence, attempt).
+public struct ReceiptBody: Hashable, Sendable {
+    public static let version: UInt8 = 2
+    /// App and model names are at most this long (bounds the receipt; settlement keeps receipts small).
+    public static let maxNameBytes = 256
+
+    /// Who pays: the account the request's API key is bound to.
+    public var payer: Account
+    public var router: PublicKey
+    public var node: PublicKey
+    /// The router's sequence number for the request: contiguous per router, assigned when it accepted the request.
+    public var sequence: UInt64
+    /// 0 for the first node that worked on the request, 1 for the node it failed over to, and so on.
+    public var attempt: UInt32
     public var app: String
     public var model: String
-    public var requestHash: Hash32
-    public var responseHash: Hash32
+    /// The node's unit prices in force when the router assigned the request.
+    public var prices: UnitPrices
+    /// Billed units: min(reported usage, `BilledUnits.bound`) per field.
     public var units: WorkUnits
     /// Milliseconds since the Unix epoch, by the node's clock.
     public var startedAtMillis: UInt64
     public var endedAtMillis: UInt64
+    /// `ReceiptBody.requestHash(...)` of the request the router forwarded.
+    public var requestHash: Hash32
+    /// SHA-256 of the answer body bytes relayed.
+    public var responseHash: Hash32
     /// HTTP status the app answered with.
     public var status: UInt16
 
-    public init(requestID: String, nodeID: NodeID, routerID: NodeID, app: String, model: String, requestHash: Hash32,
-                responseHash: Hash32, units: WorkUnits, startedAtMillis: UInt64, endedAtMillis: UInt64, status: UInt16) {
-        self.requestID = requestID
-        self.nodeID = nodeID
-        self.routerID = routerID
+    public init(payer: Account, router: PublicKey, node: PublicKey, sequence: UInt64, attempt: UInt32, app: String, model: String,
+                prices: UnitPrices, units: WorkUnits, startedAtMillis: UInt64, endedAtMillis: UInt64, requestHash: Hash32,
+                responseHash: Hash32, status: UInt16) {
+        self.payer = payer
+        self.router = router
+        self.node = node
+        self.sequence = sequence
+        self.attempt = attempt
         self.app = app
         self.model = model
-        self.requestHash = requestHash
-        self.responseHash = responseHash
+        self.prices = prices
         self.units = units
         self.startedAtMillis = startedAtMillis
         self.endedAtMillis = endedAtMillis
+        self.requestHash = requestHash
+        self.responseHash = responseHash
         self.status = status
+    }
+
+    public var nodeID: NodeID { node.nodeID }
+    public var routerID: NodeID { router.nodeID }
+
+    /// What the request cost at the receipt's prices, in base units (nil if it does not fit in 64 bits).
+    public var cost: UInt64? { prices.cost(of: units) }
+
+    /// The request hash both sides compute over what the app receives:
+    /// SHA-256(string method ‖ string path ‖ string content_type ‖ bool stream ‖ bytes body).
+    public static func requestHash(method: String, path: String, contentType: String, stream: Bool, body: [UInt8]) -> Hash32 {
+        var writer = ByteWriter(capacity: body.count + 64)
+        writer.write(method)
+        writer.write(path)
+        writer.write(contentType)
+        writer.write(stream)
+        writer.write(bytes: body)
+        return Hash32.of(writer.bytes)
     }
 }
 
 extension ReceiptBody: CanonicalCodable {
     public func encode(to writer: inout ByteWriter) {
         writer.write(Self.version)
-        writer.write(requestID)
-        nodeID.encode(to: &writer)
-        routerID.encode(to: &writer)
+        payer.encode(to: &writer)
+        router.encode(to: &writer)
+        node.encode(to: &writer)
+        writer.write(sequence)
+        writer.write(attempt)
         writer.write(app)
         writer.write(model)
-        requestHash.encode(to: &writer)
-        responseHash.encode(to: &writer)
+        prices.encode(to: &writer)
         writer.write(units.promptTokens)
         writer.write(units.completionTokens)
         writer.write(units.items)
         writer.write(startedAtMillis)
         writer.write(endedAtMillis)
+        requestHash.encode(to: &writer)
+        responseHash.encode(to: &writer)
         writer.write(status)
     }
 
     public init(from reader: inout ByteReader) throws(DecodingError) {
         let version = try reader.readUInt8()
-        guard version == Self.version else { throw .invalidValue("receipt version \(version)") }
-        requestID = try reader.readString()
-        nodeID = try NodeID(from: &reader)
-        routerID = try NodeID(from: &reader)
-        app = try reader.readString()
-        model = try reader.readString()
-        requestHash = try Hash32(from: &reader)
-        responseHash = try Hash32(from: &reader)
+        guard version == Self.version else { throw .invalidValue("receipt version \(version); this node reads version \(Self.version)") }
+        payer = try Account(from: &reader)
+        router = try PublicKey(from: &reader)
+        node = try PublicKey(from: &reader)
+        sequence = try reader.readUInt64()
+        attempt = try reader.readUInt32()
+        app = try Self.readName(&reader)
+        model = try Self.readName(&reader)
+        prices = try UnitPrices(from: &reader)
         units = WorkUnits(promptTokens: try reader.readUInt64(), completionTokens: try reader.readUInt64(),
                           items: try reader.readUInt64())
         startedAtMillis = try reader.readUInt64()
         endedAtMillis = try reader.readUInt64()
+        requestHash = try Hash32(from: &reader)
+        responseHash = try Hash32(from: &reader)
         status = try reader.readUInt16()
+    }
+
+    /// A name's length is checked before its bytes are read, so a hostile length allocates nothing.
+    private static func readName(_ reader: inout ByteReader) throws(DecodingError) -> String {
+        let limit = reader.maxFieldLength
+        reader.maxFieldLength = min(limit, maxNameBytes)
+        defer { reader.maxFieldLength = limit }
+        return try reader.readString()
     }
 }
 
@@ -134,20 +214,23 @@ public struct Receipt: Hashable, Sendable {
     public var id: Hash32 { Hash32.of(bodyBytes + nodeSignature) }
 
     public func verifyNodeSignature(nodeKey: PublicKey) throws(ReceiptError) {
-        guard body.nodeID == nodeKey.nodeID else { throw .wrongNode(expected: nodeKey.nodeID, got: body.nodeID) }
+        guard body.node == nodeKey else { throw .wrongNode(expected: nodeKey.nodeID, got: body.nodeID) }
         guard nodeKey.isValidSignature(nodeSignature, for: bodyBytes, domain: .receiptByNode) else { throw .badNodeSignature }
     }
 
     /// The router's side: check the node's signature, then countersign.
     public mutating func countersign(nodeKey: PublicKey, routerKey: SigningKey) throws(ReceiptError) {
         try verifyNodeSignature(nodeKey: nodeKey)
-        guard body.routerID == routerKey.nodeID else { throw .wrongRouter(expected: routerKey.nodeID, got: body.routerID) }
+        guard body.router == routerKey.publicKey else { throw .wrongRouter(expected: routerKey.nodeID, got: body.routerID) }
         routerSignature = routerKey.sign(bodyBytes + nodeSignature, domain: .receiptByRouter)
     }
 
+    /// Checks both signatures against the keys the body names.
+    public func verify() throws(ReceiptError) { try verify(nodeKey: body.node, routerKey: body.router) }
+
     public func verify(nodeKey: PublicKey, routerKey: PublicKey) throws(ReceiptError) {
         try verifyNodeSignature(nodeKey: nodeKey)
-        guard body.routerID == routerKey.nodeID else { throw .wrongRouter(expected: routerKey.nodeID, got: body.routerID) }
+        guard body.router == routerKey else { throw .wrongRouter(expected: routerKey.nodeID, got: body.routerID) }
         guard let routerSignature,
               routerKey.isValidSignature(routerSignature, for: bodyBytes + nodeSignature, domain: .receiptByRouter)
         else { throw .badRouterSignature }

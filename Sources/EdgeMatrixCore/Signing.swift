@@ -9,6 +9,8 @@ public enum SigningDomain: String, Sendable, CaseIterable {
     case routerHandshake = "edgematrix/router-handshake/v1"
     case receiptByNode = "edgematrix/receipt-node/v1"
     case receiptByRouter = "edgematrix/receipt-router/v1"
+    /// An account binding an API key (by its hash) to itself at one router (`APIKeyBinding`).
+    case apiKeyBinding = "edgematrix/api-key-binding/v1"
     case transaction = "edgematrix/transaction/v1"
     case vote = "edgematrix/vote/v1"
     case proposal = "edgematrix/proposal/v1"

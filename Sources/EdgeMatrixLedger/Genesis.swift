@@ -184,6 +184,21 @@ public struct Genesis: Codable, Sendable, Hashable {
             throw fail("parameters.max_memo_bytes", "must be between 32 (ICRC-1's minimum) and \(TransactionLimits.maxMemoBytes)")
         }
 
+        // Settlement
+        guard p.protocolFeeBps <= 10_000 else { throw fail("parameters.protocol_fee_bps", "must be at most 10000 (100%)") }
+        let maxBlocks = LedgerParameters.maxWindowBlocks
+        guard p.epochLengthBlocks <= maxBlocks else { throw fail("parameters.epoch_length_blocks", "must be at most \(maxBlocks)") }
+        for (field, value, minimum) in [("challenge_window_blocks", p.challengeWindowBlocks, UInt64(1)),
+                                        ("audit_window_blocks", p.auditWindowBlocks, 0),
+                                        ("settlement_deadline_blocks", p.settlementDeadlineBlocks, 1)] {
+            guard value >= minimum, value <= maxBlocks else {
+                throw fail("parameters.\(field)", "must be between \(minimum) and \(maxBlocks) blocks")
+            }
+        }
+        guard p.routerEscrowCapMultiple >= 1 else {
+            throw fail("parameters.router_escrow_cap_multiple", "must be at least 1: a router may hold escrow up to this many times its bonded stake")
+        }
+
         // Pools
         var poolTotal: UInt64 = 0
         var seenPools = Set<Pool>()

@@ -47,6 +47,16 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
     case notNodeOwner(nodeKey: PublicKey)
     case nodeRetired(nodeKey: PublicKey)
     case invalidEndpoints(String)
+    case wrongNodeRole(nodeKey: PublicKey, role: NodeRole, expected: NodeRole)
+    // Escrow and prices
+    case zeroAmount(field: String)
+    case escrowCapExceeded(router: PublicKey, cap: Amount, held: Amount)
+    case unknownEscrow(payer: Account, router: PublicKey)
+    case escrowWithdrawalPending(router: PublicKey, withdrawableAtHeight: UInt64)
+    case escrowNothingAvailable(router: PublicKey, pending: Amount)
+    case escrowInsufficient(payer: Account, router: PublicKey, available: Amount, needed: Amount)
+    case invalidPriceList(field: String, reason: String)
+    case invalidRouterFee(got: UInt32, maximum: UInt32)
     // Consensus-reported misbehaviour
     case unknownValidator(nodeKey: PublicKey)
     case evidenceAlreadyUsed(Hash32)
@@ -88,6 +98,15 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .notNodeOwner: "NotNodeOwner"
         case .nodeRetired: "NodeRetired"
         case .invalidEndpoints: "InvalidEndpoints"
+        case .wrongNodeRole: "WrongNodeRole"
+        case .zeroAmount: "ZeroAmount"
+        case .escrowCapExceeded: "EscrowCapExceeded"
+        case .unknownEscrow: "UnknownEscrow"
+        case .escrowWithdrawalPending: "EscrowWithdrawalPending"
+        case .escrowNothingAvailable: "EscrowNothingAvailable"
+        case .escrowInsufficient: "EscrowInsufficient"
+        case .invalidPriceList: "InvalidPriceList"
+        case .invalidRouterFee: "InvalidRouterFee"
         case .unknownValidator: "UnknownValidator"
         case .evidenceAlreadyUsed: "EvidenceAlreadyUsed"
         }
@@ -121,6 +140,20 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .notNodeOwner(let key): "node \(key.nodeID) belongs to another owner; sign with its owner's key"
         case .nodeRetired(let key): "node \(key.nodeID) is retired"
         case .invalidEndpoints(let why): "invalid endpoints: \(why)"
+        case .wrongNodeRole(let key, let role, let expected): "node \(key.nodeID) is a \(role) node; this needs a \(expected) node"
+        case .zeroAmount(let field): "\(field) must be more than 0"
+        case .escrowCapExceeded(let router, let cap, let held):
+            "router \(router.nodeID) may hold at most \(cap) EMC of escrow in total (router_escrow_cap_multiple × its bonded stake) and already holds \(held) EMC; open at most \(Amount(baseUnits: cap.baseUnits.subtractingSaturating(held.baseUnits))) EMC, or choose another router"
+        case .unknownEscrow(let payer, let router): "account \(payer) has no escrow with router \(router.nodeID); open one with `emc tx escrow open`"
+        case .escrowWithdrawalPending(let router, let height):
+            "the escrow with router \(router.nodeID) is already being withdrawn: it returns at the end of block \(height)"
+        case .escrowNothingAvailable(let router, let pending):
+            "nothing to withdraw from the escrow with router \(router.nodeID): all of it (\(pending) EMC) is pending in settlements; ask again once they finish"
+        case .escrowInsufficient(let payer, let router, let available, let needed):
+            "the escrow of \(payer) with router \(router.nodeID) has \(available) EMC available, less than the \(needed) EMC charged"
+        case .invalidPriceList(let field, let reason): "invalid price list: \(field) \(reason)"
+        case .invalidRouterFee(let got, let maximum):
+            "router_fee_bps \(got) is too high: at most \(maximum) (10000 minus the protocol fee), so that a node's share is never negative"
         case .unknownValidator(let key): "no validator node \(key.nodeID) with a stake to slash"
         case .evidenceAlreadyUsed(let id): "evidence \(id) was already used to slash"
         }

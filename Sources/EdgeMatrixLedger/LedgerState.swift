@@ -26,6 +26,10 @@ public enum TxEffect: Hashable, Sendable {
     case nodeRegistered(nodeKey: PublicKey)
     case nodeUpdated(nodeKey: PublicKey)
     case nodeRetired(nodeKey: PublicKey)
+    case escrowOpened(payer: Account, router: PublicKey, amount: Amount, balance: Amount)
+    case escrowWithdrawalRequested(payer: Account, router: PublicKey, withdrawableAtHeight: UInt64)
+    case pricesSet(nodeKey: PublicKey, entries: UInt32)
+    case routerFeeSet(nodeKey: PublicKey, feeBps: UInt32)
 }
 
 public struct TxOutcome: Hashable, Sendable {
@@ -68,10 +72,16 @@ public struct LedgerState: Sendable {
     var activeValidators: [PublicKey: UInt64] = [:]
     var dedup: [Hash32: DedupEntry] = [:]
     var usedEvidence: Set<Hash32> = []
+    /// Escrows per (payer, router); see Escrow.swift.
+    var escrows: [EscrowKey: Escrow] = [:]
 
     // Indexes derivable from the state above; not part of the state root.
     var stakeUsers: [UInt64: PublicKey] = [:]
     var dedupBuckets: [UInt64: [Hash32]] = [:]
+    /// Sum of `balance` over each router's escrows (for the cap); zero totals are dropped.
+    var routerEscrowTotals: [PublicKey: UInt64] = [:]
+    /// Escrow keys by the height their withdrawal comes due (entries may be stale: a top-up cancels a request).
+    var escrowWithdrawalsDue: [UInt64: [EscrowKey]] = [:]
 
     struct DedupEntry: Hashable, Sendable {
         var location: TxLocation
@@ -209,6 +219,10 @@ public struct LedgerState: Sendable {
         case .registerNode(let r): result = applyRegister(r, signer: tx.signer, location: context.location, commit: commit)
         case .updateNode(let u): result = applyUpdate(u, signer: tx.signer, commit: commit)
         case .retireNode(let key): result = applyRetire(key, signer: tx.signer, commit: commit)
+        case .escrowOpen(let o): result = applyEscrowOpen(o, signer: tx.signer, commit: commit)
+        case .escrowWithdraw(let w): result = applyEscrowWithdraw(w, signer: tx.signer, height: context.height, commit: commit)
+        case .setPrices(let p): result = applySetPrices(p, signer: tx.signer, commit: commit)
+        case .setRouterFee(let f): result = applySetRouterFee(f, signer: tx.signer, commit: commit)
         }
         switch result {
         case .failure(let error):
@@ -226,20 +240,20 @@ public struct LedgerState: Sendable {
 
     // MARK: Balances
 
-    private func checkAffordable(_ account: Account, _ amount: UInt64, fee: UInt64) -> LedgerError? {
+    func checkAffordable(_ account: Account, _ amount: UInt64, fee: UInt64) -> LedgerError? {
         let balance = balances[account] ?? 0
         let (total, overflow) = amount.addingReportingOverflow(fee)
         if overflow { return .insufficientFunds(balance: Amount(baseUnits: balance)) }
         return balance >= total ? nil : .insufficientFunds(balance: Amount(baseUnits: balance))
     }
 
-    private mutating func debit(_ account: Account, _ amount: UInt64) {
+    mutating func debit(_ account: Account, _ amount: UInt64) {
         let remaining = balances[account, default: 0] - amount
         // Zero balances are dropped so that the state (and its root) holds no empty accounts.
         balances[account] = remaining == 0 ? nil : remaining
     }
 
-    private mutating func credit(_ account: Account, _ amount: UInt64) {
+    mutating func credit(_ account: Account, _ amount: UInt64) {
         guard amount > 0 else { return }
         balances[account, default: 0] += amount
     }
@@ -431,6 +445,17 @@ public struct LedgerState: Sendable {
         }
     }
 
+    /// The deterministic per-height step, run after the block's transactions and before `endBlock`: everything
+    /// that falls due at `height` happens here, in a fixed order. Today: escrow withdrawals that come due
+    /// (`returnDueEscrows`). Settlement finalisation (challenge window over → money moves; audit window over →
+    /// node payouts released) belongs here too, after the escrow returns, each in key order, each appending its
+    /// `BlockEvent`s; nothing here may read a clock or depend on dictionary order.
+    public mutating func finishHeight(_ height: UInt64) -> [BlockEvent] {
+        var events = [BlockEvent]()
+        events += returnDueEscrows(height: height)
+        return events
+    }
+
     /// End of a block: at an epoch boundary the validator set is recomputed from stakes and registrations and
     /// the changes are returned (power 0 = removed), ordered by node key; otherwise nothing changes.
     public mutating func endBlock(height: UInt64) -> [StakedValidator] {
@@ -499,10 +524,11 @@ public struct LedgerState: Sendable {
                 results.append(.failure(error))
             }
         }
+        let events = finishHeight(context.height)
         let updates = endBlock(height: context.height)
         height = context.height
         lastBlockTimeMillis = context.timeMillis
-        return BlockResult(txResults: results, slashes: slashes, validatorUpdates: updates, stateRoot: stateRoot())
+        return BlockResult(txResults: results, slashes: slashes, validatorUpdates: updates, events: events, stateRoot: stateRoot())
     }
 }
 
@@ -511,6 +537,8 @@ public struct BlockResult: Sendable {
     public var slashes: [Result<SlashOutcome, LedgerError>]
     /// Non-empty only at epoch boundaries.
     public var validatorUpdates: [StakedValidator]
+    /// What the ledger did by itself at the end of the block (escrow returns; settlements as they finish), in order.
+    public var events: [BlockEvent]
     public var stateRoot: Hash32
 }
 

@@ -257,9 +257,29 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
     public var permittedDriftMillis: UInt64
     public var maxMemoBytes: UInt32
 
+    // Settlement (docs/SETTLEMENT.md)
+
+    /// Share of every settled amount that is burned in full (nothing else is ever paid from it).
+    public var protocolFeeBps: UInt32
+    /// Blocks after a settlement's inclusion during which a fraud proof can revert it; the money moves after.
+    public var challengeWindowBlocks: UInt64
+    /// Blocks a node owner's payout is held after the challenge window (proof of computing may forfeit it).
+    public var auditWindowBlocks: UInt64
+    /// Blocks after an epoch ends within which its router must settle the epoch's batch; after that the router's
+    /// compute nodes may settle their own router-countersigned receipts.
+    public var settlementDeadlineBlocks: UInt64
+    /// k: the escrow all payers together hold with one router is at most k × the router's bonded stake.
+    public var routerEscrowCapMultiple: UInt32
+
+    /// Largest value any `*_blocks` settlement parameter may take (about 31 years of one-second blocks), so that a
+    /// height plus any sum of them always fits in 64 bits.
+    public static let maxWindowBlocks: UInt64 = 1_000_000_000
+
     public init(tokenName: String, tokenSymbol: String, decimals: UInt8, totalSupply: Amount, transferFee: Amount,
                 pools: [PoolShare], staking: StakingParameters, rewards: RewardSchedule, epochLengthBlocks: UInt64,
-                slashFractionBps: UInt32, dedupWindowMillis: UInt64, permittedDriftMillis: UInt64, maxMemoBytes: UInt32) {
+                slashFractionBps: UInt32, dedupWindowMillis: UInt64, permittedDriftMillis: UInt64, maxMemoBytes: UInt32,
+                protocolFeeBps: UInt32 = 500, challengeWindowBlocks: UInt64 = 600, auditWindowBlocks: UInt64 = 3_600,
+                settlementDeadlineBlocks: UInt64 = 3_600, routerEscrowCapMultiple: UInt32 = 1) {
         self.tokenName = tokenName
         self.tokenSymbol = tokenSymbol
         self.decimals = decimals
@@ -273,6 +293,11 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
         self.dedupWindowMillis = dedupWindowMillis
         self.permittedDriftMillis = permittedDriftMillis
         self.maxMemoBytes = maxMemoBytes
+        self.protocolFeeBps = protocolFeeBps
+        self.challengeWindowBlocks = challengeWindowBlocks
+        self.auditWindowBlocks = auditWindowBlocks
+        self.settlementDeadlineBlocks = settlementDeadlineBlocks
+        self.routerEscrowCapMultiple = routerEscrowCapMultiple
     }
 
     /// DESIGN.md's defaults. Pool split besides the 18% transaction-mining pool is ours and only a default.
@@ -284,7 +309,24 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
                 PoolShare(pool: .ecosystem, shareBps: 1_500)],
         staking: .standard, rewards: .standard,
         epochLengthBlocks: 900, slashFractionBps: 500,
-        dedupWindowMillis: 24 * 3_600_000, permittedDriftMillis: 120_000, maxMemoBytes: 32)
+        dedupWindowMillis: 24 * 3_600_000, permittedDriftMillis: 120_000, maxMemoBytes: 32,
+        protocolFeeBps: 500, challengeWindowBlocks: 600, auditWindowBlocks: 3_600, settlementDeadlineBlocks: 3_600,
+        routerEscrowCapMultiple: 1)
+
+    /// The standard parameters with devnet timing: short epochs (20 blocks by default) and windows of half an epoch
+    /// (challenge 10, audit 10 blocks), and two epochs to settle (40 blocks), so a settlement finishes in seconds.
+    public static func devnet(epochLengthBlocks: UInt64 = 20) -> LedgerParameters {
+        var p = LedgerParameters.standard
+        p.epochLengthBlocks = max(epochLengthBlocks, 1)
+        p.challengeWindowBlocks = max(p.epochLengthBlocks / 2, 1)
+        p.auditWindowBlocks = p.epochLengthBlocks / 2
+        p.settlementDeadlineBlocks = p.epochLengthBlocks.multipliedReportingOverflow(by: 2).overflow ? .max : p.epochLengthBlocks * 2
+        return p
+    }
+
+    /// Blocks between an escrow withdrawal request and the return of the escrow: one epoch plus the challenge
+    /// window, so that every batch that may still charge the escrow has been settled and can no longer be challenged.
+    public var escrowWithdrawDelayBlocks: UInt64 { epochLengthBlocks.addingSaturating(challengeWindowBlocks) }
 
     public static let millisPerDay: UInt64 = 86_400_000
 
@@ -300,5 +342,10 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
         case dedupWindowMillis = "dedup_window_ms"
         case permittedDriftMillis = "permitted_drift_ms"
         case maxMemoBytes = "max_memo_bytes"
+        case protocolFeeBps = "protocol_fee_bps"
+        case challengeWindowBlocks = "challenge_window_blocks"
+        case auditWindowBlocks = "audit_window_blocks"
+        case settlementDeadlineBlocks = "settlement_deadline_blocks"
+        case routerEscrowCapMultiple = "router_escrow_cap_multiple"
     }
 }

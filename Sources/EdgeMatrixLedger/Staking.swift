@@ -80,6 +80,10 @@ public struct NodeRecord: Hashable, Sendable, Codable {
     public internal(set) var stakeID: UInt64
     public let registeredAt: TxLocation
     public internal(set) var status: NodeStatus
+    /// A compute node's prices (`set_prices`); empty = it charges nothing.
+    public internal(set) var prices: PriceList = .empty
+    /// A router's fee in basis points of what it settles (`set_router_fee`); 0 for other roles.
+    public internal(set) var routerFeeBps: UInt32 = 0
 
     public var nodeID: NodeID { nodeKey.nodeID }
 
@@ -89,6 +93,8 @@ public struct NodeRecord: Hashable, Sendable, Codable {
         case stakeID = "stake_id"
         case registeredAt = "registered_at"
         case status
+        case prices
+        case routerFeeBps = "router_fee_bps"
     }
 }
 

@@ -5,14 +5,14 @@ import EdgeMatrixCore
 /// Leaf = section tag ‖ key ‖ value in the canonical binary encoding.
 extension LedgerState {
     enum Section: UInt8 {
-        case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6
+        case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6, escrow = 7
     }
 
     public func stateRoot() -> Hash32 { MerkleTree.root(leaves: stateLeaves()) }
 
     func stateLeaves() -> [[UInt8]] {
         var leaves = [[UInt8]]()
-        leaves.reserveCapacity(1 + balances.count + stakes.count + nodes.count + activeValidators.count + dedup.count + usedEvidence.count)
+        leaves.reserveCapacity(1 + balances.count + stakes.count + nodes.count + activeValidators.count + dedup.count + usedEvidence.count + escrows.count)
 
         var meta = ByteWriter()
         meta.write(Section.meta.rawValue)
@@ -61,6 +61,8 @@ extension LedgerState {
                 w.write(n.registeredAt.height)
                 w.write(n.registeredAt.index)
                 w.write(n.status == .active)
+                w.write(n.routerFeeBps)
+                n.prices.encode(to: &w)
             }
         }
         keyed(.validator, activeValidators.map { ($0.key, []) }, key: { $0.rawRepresentation }) { key in
@@ -75,6 +77,14 @@ extension LedgerState {
             }
         }
         keyed(.evidence, usedEvidence.map { ($0, []) }, key: { $0.bytes }) { _ in { _ in } }
+        keyed(.escrow, escrows.map { ($0.key, []) }, key: { $0.keyBytes }) { key in
+            { w in
+                let e = self.escrows[key]!
+                e.balance.encode(to: &w)
+                e.pending.encode(to: &w)
+                if let due = e.withdrawableAtHeight { w.write(true); w.write(due) } else { w.write(false) }
+            }
+        }
         return leaves
     }
 }

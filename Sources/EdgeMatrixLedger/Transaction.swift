@@ -157,6 +157,14 @@ public enum TransactionKind: Hashable, Sendable {
     case registerNode(NodeRegistration)
     case updateNode(NodeUpdate)
     case retireNode(nodeKey: PublicKey)
+    /// Opens or tops up the signer's escrow with a router (docs/SETTLEMENT.md).
+    case escrowOpen(EscrowOpen)
+    /// Schedules the return of the signer's escrow with a router after the withdrawal delay.
+    case escrowWithdraw(EscrowWithdraw)
+    /// Replaces a compute node's price list.
+    case setPrices(SetPrices)
+    /// Sets a router's fee in basis points.
+    case setRouterFee(SetRouterFee)
 
     public var name: String {
         switch self {
@@ -167,6 +175,10 @@ public enum TransactionKind: Hashable, Sendable {
         case .registerNode: "register_node"
         case .updateNode: "update_node"
         case .retireNode: "retire_node"
+        case .escrowOpen: "escrow_open"
+        case .escrowWithdraw: "escrow_withdraw"
+        case .setPrices: "set_prices"
+        case .setRouterFee: "set_router_fee"
         }
     }
 }
@@ -224,6 +236,23 @@ extension TransactionBody: CanonicalCodable {
         case .retireNode(let key):
             writer.write(UInt8(7))
             key.encode(to: &writer)
+        case .escrowOpen(let o):
+            writer.write(UInt8(8))
+            writer.writeOptionalSubaccount(o.fromSubaccount)
+            o.router.encode(to: &writer)
+            o.amount.encode(to: &writer)
+        case .escrowWithdraw(let w):
+            writer.write(UInt8(9))
+            writer.writeOptionalSubaccount(w.subaccount)
+            w.router.encode(to: &writer)
+        case .setPrices(let p):
+            writer.write(UInt8(10))
+            p.nodeKey.encode(to: &writer)
+            p.prices.encode(to: &writer)
+        case .setRouterFee(let f):
+            writer.write(UInt8(11))
+            f.nodeKey.encode(to: &writer)
+            writer.write(f.feeBps)
         }
     }
 
@@ -264,7 +293,20 @@ extension TransactionBody: CanonicalCodable {
             let stakeID: UInt64? = try reader.readBool() ? try reader.readUInt64() : nil
             kind = .updateNode(NodeUpdate(nodeKey: key, endpoints: endpoints, stakeID: stakeID))
         case 7: kind = .retireNode(nodeKey: try PublicKey(from: &reader))
-        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 7)")
+        case 8:
+            let from = try reader.readOptionalSubaccount()
+            let router = try PublicKey(from: &reader)
+            kind = .escrowOpen(EscrowOpen(fromSubaccount: from, router: router, amount: try Amount(from: &reader)))
+        case 9:
+            let subaccount = try reader.readOptionalSubaccount()
+            kind = .escrowWithdraw(EscrowWithdraw(subaccount: subaccount, router: try PublicKey(from: &reader)))
+        case 10:
+            let key = try PublicKey(from: &reader)
+            kind = .setPrices(SetPrices(nodeKey: key, prices: try PriceList(from: &reader)))
+        case 11:
+            let key = try PublicKey(from: &reader)
+            kind = .setRouterFee(SetRouterFee(nodeKey: key, feeBps: try reader.readUInt32()))
+        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 11)")
         }
     }
 }

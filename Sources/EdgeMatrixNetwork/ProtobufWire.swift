@@ -81,11 +81,33 @@ enum ProtobufWire {
         }
     }
 
+    /// The payloads of every length-delimited occurrence of top-level field `number` (a oneof member seen more than
+    /// once gives several; the decoder keeps the last). Malformed framing is an error.
+    static func payloads(ofField number: UInt64, in bytes: [UInt8]) throws(DecodingError) -> [[UInt8]] {
+        var payloads = [[UInt8]]()
+        try walk(bytes) { field, wireType, range in
+            if field == number, wireType == 2 { payloads.append(Array(bytes[range])) }
+            return true
+        }
+        return payloads
+    }
+
     /// How many times top-level field `number` occurs in an encoded message, counting no further than `limit` + 1.
     /// Walks the wire format without allocating; malformed framing is an error (the decoder would refuse it too).
     static func occurrences(ofField number: UInt64, in bytes: [UInt8], limit: Int) throws(DecodingError) -> Int {
-        var index = 0
         var count = 0
+        try walk(bytes) { field, _, _ in
+            if field == number { count += 1 }
+            return count <= limit
+        }
+        return count
+    }
+
+    /// Walks the top-level fields of an encoded message without allocating, calling `visit` with each field number,
+    /// wire type and payload range (the value's bytes; for length-delimited fields without the length) until it
+    /// returns false. Malformed framing is an error (the decoder would refuse it too).
+    static func walk(_ bytes: [UInt8], _ visit: (UInt64, UInt64, Range<Int>) -> Bool) throws(DecodingError) {
+        var index = 0
         func varint() throws(DecodingError) -> UInt64 {
             var value: UInt64 = 0
             var shift: UInt64 = 0
@@ -99,25 +121,60 @@ enum ProtobufWire {
                 shift += 7
             }
         }
-        func skip(_ length: UInt64) throws(DecodingError) {
+        func skip(_ length: UInt64) throws(DecodingError) -> Range<Int> {
             let available = bytes.count - index
             guard length <= UInt64(available) else { throw .truncated(needed: Int(clamping: length), available: available) }
+            let start = index
             index += Int(length)
+            return start..<index
         }
         while index < bytes.count {
             let key = try varint()
-            if key >> 3 == number {
-                count += 1
-                if count > limit { return count }
-            }
+            let range: Range<Int>
             switch key & 7 {
-            case 0: _ = try varint()
-            case 1: try skip(8)
-            case 2: try skip(try varint())
-            case 5: try skip(4)
+            case 0: let start = index; _ = try varint(); range = start..<index
+            case 1: range = try skip(8)
+            case 2: range = try skip(try varint())
+            case 5: range = try skip(4)
             default: throw .invalidValue("protobuf wire type \(key & 7)")
             }
+            if !visit(key >> 3, key & 7, range) { return }
         }
-        return count
+    }
+}
+
+/// `edgematrix.ledger.v1.SignedTransaction` (proto/edgematrix/ledger/v1/transaction.proto): a signed transaction
+/// for clients that speak protobuf. The body stays the exact canonical bytes that were signed; only the framing
+/// changes, so the canonical envelope (version ‖ bytes(body) ‖ signer ‖ signature) is rebuilt around them.
+public enum SignedTransactionWire {
+    /// The largest protobuf body accepted (a transaction body is at most 16 KiB; room for keys and framing).
+    public static let maxBytes = 64 << 10
+    public static let envelopeVersion: UInt8 = 1
+
+    /// The canonical transaction envelope (docs/PROTOCOL.md § 6.7) for a protobuf `SignedTransaction`.
+    public static func envelope(protobufBytes bytes: [UInt8]) throws(DecodingError) -> [UInt8] {
+        guard bytes.count <= maxBytes else { throw .lengthTooLarge(bytes.count, limit: maxBytes) }
+        var options = BinaryDecodingOptions()
+        options.discardUnknownFields = true
+        let message: Edgematrix_Ledger_V1_SignedTransaction
+        do { message = try Edgematrix_Ledger_V1_SignedTransaction(serializedBytes: bytes, options: options) } catch {
+            throw .invalidValue("malformed protobuf SignedTransaction: \(error)")
+        }
+        let signer = try ProtobufWire.key(message.signer, "signer")
+        let signature = try ProtobufWire.exact(message.signature, 64, "signature")
+        guard !message.body.isEmpty else { throw .invalidValue("body: empty") }
+        var writer = ByteWriter(capacity: message.body.count + 104)
+        writer.write(envelopeVersion)
+        writer.write(bytes: [UInt8](message.body))
+        signer.encode(to: &writer)
+        writer.writeRaw(signature)
+        return writer.bytes
+    }
+
+    /// The protobuf `SignedTransaction` for parts (what a Swift client would send).
+    public static func protobufBytes(body: [UInt8], signer: PublicKey, signature: [UInt8]) throws -> [UInt8] {
+        try Edgematrix_Ledger_V1_SignedTransaction.with {
+            $0.body = Data(body); $0.signer = Data(signer.rawRepresentation); $0.signature = Data(signature)
+        }.serializedBytes()
     }
 }

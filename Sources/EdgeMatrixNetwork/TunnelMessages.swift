@@ -4,6 +4,11 @@ import EdgeMatrixCore
 //  - one Control stream: mutual key proof, registration, status heartbeats, receipt re-delivery;
 //  - a pool of Work streams, one per unit of free capacity. The router assigns a request to an idle Work stream,
 //    so forwarding costs no extra round trip, and each request gets HTTP/2 flow control and cancellation of its own.
+//
+// On the wire these are the protobuf messages of proto/edgematrix/tunnel/v1/tunnel.proto (generated code in
+// Generated/, conversions in TunnelService.swift). The Swift types below are what the router and the compute node
+// work with. Signed payloads (the node descriptor inside a registration, receipts) stay the exact canonical bytes
+// that were signed; `NodeDescriptor` keeps its canonical encoding for that reason.
 
 /// A local app the node offers.
 public struct AppDescriptor: Hashable, Sendable, Codable {
@@ -167,64 +172,6 @@ public enum TunnelHandshake {
     }
 }
 
-extension NodeControlMessage: CanonicalCodable {
-    public func encode(to writer: inout ByteWriter) {
-        switch self {
-        case .hello(let nonce):
-            writer.write(UInt8(1)); writer.write(bytes: nonce)
-        case .register(let key, let descriptor, let signature):
-            writer.write(UInt8(2)); key.encode(to: &writer); writer.write(bytes: descriptor); writer.write(bytes: signature)
-        case .status(let inFlight, let apps):
-            writer.write(UInt8(3)); writer.write(inFlight); writer.write(UInt32(apps.count))
-            for app in apps { writer.write(app) }
-        case .receipt(let body, let signature):
-            writer.write(UInt8(4)); writer.write(bytes: body); writer.write(bytes: signature)
-        }
-    }
-
-    public init(from reader: inout ByteReader) throws(DecodingError) {
-        switch try reader.readUInt8() {
-        case 1: self = .hello(nodeNonce: try reader.readBytes())
-        case 2: self = .register(nodeKey: try PublicKey(from: &reader), descriptorBytes: try reader.readBytes(),
-                                 signature: try reader.readBytes())
-        case 3:
-            let inFlight = try reader.readUInt32()
-            let count = try reader.readCount(limit: 256)
-            var apps = [String]()
-            for _ in 0..<count { apps.append(try reader.readString()) }
-            self = .status(inFlight: inFlight, healthyApps: apps)
-        case 4: self = .receipt(bodyBytes: try reader.readBytes(), nodeSignature: try reader.readBytes())
-        case let tag: throw .invalidValue("node control message tag \(tag)")
-        }
-    }
-}
-
-extension RouterControlMessage: CanonicalCodable {
-    public func encode(to writer: inout ByteWriter) {
-        switch self {
-        case .challenge(let key, let nonce, let signature):
-            writer.write(UInt8(1)); key.encode(to: &writer); writer.write(bytes: nonce); writer.write(bytes: signature)
-        case .accepted(let token):
-            writer.write(UInt8(2)); writer.write(bytes: token)
-        case .rejected(let code, let message):
-            writer.write(UInt8(3)); writer.write(code); writer.write(message)
-        case .receiptAck(let id):
-            writer.write(UInt8(4)); id.encode(to: &writer)
-        }
-    }
-
-    public init(from reader: inout ByteReader) throws(DecodingError) {
-        switch try reader.readUInt8() {
-        case 1: self = .challenge(routerKey: try PublicKey(from: &reader), routerNonce: try reader.readBytes(),
-                                  signature: try reader.readBytes())
-        case 2: self = .accepted(sessionToken: try reader.readBytes())
-        case 3: self = .rejected(code: try reader.readString(), message: try reader.readString())
-        case 4: self = .receiptAck(receiptID: try Hash32(from: &reader))
-        case let tag: throw .invalidValue("router control message tag \(tag)")
-        }
-    }
-}
-
 // MARK: - Work streams
 
 /// A request the router assigns to a compute node.
@@ -238,9 +185,19 @@ public struct WorkRequest: Sendable, Equatable {
     public var contentType: String
     public var body: [UInt8]
     public var stream: Bool
+    /// The router's sequence number for the request, and which attempt (node) this is: the receipt's identity.
+    public var sequence: UInt64
+    public var attempt: UInt32
+    /// The account the request's API key is bound to, and the node's unit prices in force: the receipt names both.
+    public var payer: Account
+    public var prices: UnitPrices
 
     public init(requestID: String, app: String, model: String, method: String, path: String, contentType: String,
-                body: [UInt8], stream: Bool) {
+                body: [UInt8], stream: Bool, sequence: UInt64, attempt: UInt32, payer: Account, prices: UnitPrices) {
+        self.sequence = sequence
+        self.attempt = attempt
+        self.payer = payer
+        self.prices = prices
         self.requestID = requestID
         self.app = app
         self.model = model
@@ -274,57 +231,3 @@ public enum NodeWorkMessage: Sendable, Equatable {
     case failed(code: String, message: String)
 }
 
-extension WorkRequest: CanonicalCodable {
-    public func encode(to writer: inout ByteWriter) {
-        writer.write(requestID); writer.write(app); writer.write(model); writer.write(method); writer.write(path)
-        writer.write(contentType); writer.write(bytes: body); writer.write(stream)
-    }
-
-    public init(from reader: inout ByteReader) throws(DecodingError) {
-        self.init(requestID: try reader.readString(), app: try reader.readString(), model: try reader.readString(),
-                  method: try reader.readString(), path: try reader.readString(), contentType: try reader.readString(),
-                  body: try reader.readBytes(), stream: try reader.readBool())
-    }
-}
-
-extension RouterWorkMessage: CanonicalCodable {
-    public func encode(to writer: inout ByteWriter) {
-        switch self {
-        case .assign(let request): writer.write(UInt8(1)); request.encode(to: &writer)
-        case .cancel: writer.write(UInt8(2))
-        case .receiptAck(let id): writer.write(UInt8(3)); id.encode(to: &writer)
-        }
-    }
-
-    public init(from reader: inout ByteReader) throws(DecodingError) {
-        switch try reader.readUInt8() {
-        case 1: self = .assign(try WorkRequest(from: &reader))
-        case 2: self = .cancel
-        case 3: self = .receiptAck(receiptID: try Hash32(from: &reader))
-        case let tag: throw .invalidValue("router work message tag \(tag)")
-        }
-    }
-}
-
-extension NodeWorkMessage: CanonicalCodable {
-    public func encode(to writer: inout ByteWriter) {
-        switch self {
-        case .ready(let token): writer.write(UInt8(1)); writer.write(bytes: token)
-        case .head(let status, let type): writer.write(UInt8(2)); writer.write(status); writer.write(type)
-        case .chunk(let bytes): writer.write(UInt8(3)); writer.write(bytes: bytes)
-        case .end(let body, let signature): writer.write(UInt8(4)); writer.write(bytes: body); writer.write(bytes: signature)
-        case .failed(let code, let message): writer.write(UInt8(5)); writer.write(code); writer.write(message)
-        }
-    }
-
-    public init(from reader: inout ByteReader) throws(DecodingError) {
-        switch try reader.readUInt8() {
-        case 1: self = .ready(sessionToken: try reader.readBytes())
-        case 2: self = .head(status: try reader.readUInt16(), contentType: try reader.readString())
-        case 3: self = .chunk(try reader.readBytes())
-        case 4: self = .end(receiptBody: try reader.readBytes(), nodeSignature: try reader.readBytes())
-        case 5: self = .failed(code: try reader.readString(), message: try reader.readString())
-        case let tag: throw .invalidValue("node work message tag \(tag)")
-        }
-    }
-}

@@ -57,16 +57,18 @@ public struct Devnet: Sendable {
                                                tunnelPort: layout.tunnelPort, dataDirectory: layout.routerDirectory)
         let (ready, readySink) = AsyncStream<RouterEndpoints>.makeStream()
         let admitted = RegisteredNodes()
-        let router = try RouterService(configuration: routerConfig, key: routerKey, admission: admitted, metricsText: NodeMetrics.text,
+        let priceBook = RegistryPriceBook()
+        let escrows = ChainEscrows(router: routerKey.publicKey)
+        let router = try RouterService(configuration: routerConfig, key: routerKey, admission: admitted, priceBook: priceBook,
+                                       escrows: escrows, metricsText: NodeMetrics.text,
                                        logger: logger) { endpoints in readySink.yield(endpoints) }
-        let apiKey = try devnetAPIKey(database: routerConfig.databasePath)
 
         let httpClient = HTTPClient(eventLoopGroupProvider: .singleton)
         var services: [any Service] = [
             try models.chatServer(port: layout.chatPort, logPath: layout.logsDirectory + "/chat-model.log", logger: logger),
             try models.embeddingsServer(port: layout.embeddingsPort, logPath: layout.logsDirectory + "/embeddings.log", logger: logger),
             router,
-            RegistryFollower(nodeURL: layout.nodeURL, admitted: admitted, logger: logger),
+            RegistryFollower(nodeURL: layout.nodeURL, admitted: admitted, prices: priceBook, escrows: escrows, logger: logger),
         ]
         var computeKeys = [SigningKey]()
         for index in 1...computeNodeCount {
@@ -88,6 +90,8 @@ public struct Devnet: Sendable {
             services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, outbox: outbox, logger: nodeLogger))
         }
         services += try validators()
+        // After the validators: their genesis creates the funded account the key is bound to.
+        let apiKey = try devnetAPIKey(database: routerConfig.databasePath, router: routerKey.publicKey)
         // The devnet's router and compute nodes join the chain like anyone's: bonded and registered at start-up.
         services.append(DevnetEnrollment(client: ChainClient(baseURL: layout.nodeURL), owner: try KeyFile.read(from: layout.fundedKeyPath),
                                          router: (routerKey, "127.0.0.1:\(layout.tunnelPort)"), computeNodes: computeKeys, say: say))
@@ -129,13 +133,19 @@ public struct Devnet: Sendable {
         return services
     }
 
-    /// The devnet's API key: created once, stored beside the data so a second run prints the same key.
-    func devnetAPIKey(database: String) throws -> String {
+    /// The devnet's API key: created once, stored beside the data so a second run prints the same key, and bound to
+    /// the funded devnet account (signed by its key), so that the requests it makes are that account's to pay. A key
+    /// left by an older devnet that is not bound to that account is replaced.
+    func devnetAPIKey(database: String, router: PublicKey) throws -> String {
+        let funded = try KeyFile.read(from: layout.fundedKeyPath)
+        let store = APIKeyStore(database: try RouterDatabase(path: database))
         if let existing = try? String(contentsOfFile: layout.apiKeyPath, encoding: .utf8)
-            .trimmingCharacters(in: .whitespacesAndNewlines), !existing.isEmpty {
+            .trimmingCharacters(in: .whitespacesAndNewlines), !existing.isEmpty,
+           try store.lookup(existing)?.account == Account(owner: funded.publicKey) {
             return existing
         }
-        let key = try APIKeyStore(database: RouterDatabase(path: database)).create(label: "devnet")
+        let key = try store.create(label: "devnet", router: router, signer: funded)
+        try? FileManager.default.removeItem(atPath: layout.apiKeyPath)
         FileManager.default.createFile(atPath: layout.apiKeyPath, contents: Data((key + "\n").utf8),
                                        attributes: [.posixPermissions: 0o600])
         return key
@@ -163,13 +173,16 @@ public struct DevnetBanner: Sendable {
 
         The chain (emc tx / emc query use EMC_NODE_URL):
         EMC_NODE_URL=\(layout.nodeURL)
-        funded account key: \(layout.fundedKeyPath)
+        funded account key (it holds a 1,000 EMC escrow with the router, which pays for OPENAI_API_KEY):
+        EMC_FUNDED_KEY=\(layout.fundedKeyPath)
           emc query status
           emc tx transfer --to <account> --amount 12.5 --key \(layout.fundedKeyPath)
 
         Export these to use the stock OpenAI SDK:
         OPENAI_BASE_URL=\(layout.baseURL)
         OPENAI_API_KEY=\(apiKey)
+        (the key is bound to the funded account \(layout.fundedKeyPath); x-emc-request-id on every answer is the router's
+        sequence number, the id its receipts carry)
 
         Try it:
           curl -s $OPENAI_BASE_URL/chat/completions -H "Authorization: Bearer $OPENAI_API_KEY" -H 'content-type: application/json' \\

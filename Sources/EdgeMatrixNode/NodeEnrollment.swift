@@ -63,6 +63,43 @@ public struct NodeEnrollment: Sendable {
         try await commit(.registerNode(NodeRegistration(statement: statement, nodeKey: node)), chainID: chainID, what: "registration")
     }
 
+    /// Makes the owner's escrow with `router` (a registered router's node key) hold at least `amount` available:
+    /// opens it, or tops it up by exactly the shortfall; an escrow that already has `amount` available is left as
+    /// it is (so calling this at every start-up never grows it). Returns the escrow's available EMC afterwards.
+    @discardableResult
+    public func ensureEscrow(router: PublicKey, amount: Amount, progress: @Sendable (String) -> Void = { _ in }) async throws -> Amount {
+        let account = Account(owner: owner.publicKey)
+        func available() async throws -> Amount {
+            let escrow = try await client.escrows(of: account).first { $0["router"] as? String == router.hex }
+            guard let text = escrow?["available"] as? String else { return .zero }
+            do { return try Amount(parsing: text) } catch {
+                throw Failure.failed("escrow", reason: "the chain reported an unreadable available amount '\(text)'")
+            }
+        }
+        let current = try await available()
+        guard let shortfall = amount.subtracting(current), shortfall > .zero else {
+            progress("escrow with router \(router.nodeID) already holds \(current) EMC available")
+            return current
+        }
+        progress("escrow with router \(router.nodeID): adding \(shortfall) EMC (to \(amount) EMC)")
+        try await commit(.escrowOpen(EscrowOpen(router: router, amount: shortfall)), chainID: try await client.chainID(), what: "escrow open")
+        return try await available()
+    }
+
+    /// Makes `node`'s registered price list equal to `prices` (sends `set_prices` only when the chain holds another
+    /// list, so calling this at every start-up sends nothing once it is in place).
+    public func ensurePrices(node: PublicKey, prices: PriceList, progress: @Sendable (String) -> Void = { _ in }) async throws {
+        let registered = try await client.nodes().first { $0["node_key"] as? String == node.hex }
+        if let current = registered?["prices"], JSONSerialization.isValidJSONObject(["p": current]),
+           let data = try? JSONSerialization.data(withJSONObject: current),
+           let list = try? JSONDecoder().decode(PriceList.self, from: data), list.sorted == prices.sorted {
+            progress("prices of node \(node.nodeID) already registered")
+            return
+        }
+        progress("registering prices of node \(node.nodeID) (\(prices.entries.count) entries)")
+        try await commit(.setPrices(SetPrices(nodeKey: node, prices: prices.sorted)), chainID: try await client.chainID(), what: "set prices")
+    }
+
     /// The newest bonded stake of `role` owned by the owner, not backing a node, of at least `amount`.
     private func unusedStake(role: NodeRole, atLeast amount: Amount, used: Set<UInt64>) async throws -> UInt64? {
         let stakes = try await client.stakes(ownedBy: owner.publicKey)
@@ -88,6 +125,12 @@ public struct NodeEnrollment: Sendable {
 /// account bonds and registers the router (publishing its tunnel address) and each compute node. Until then the
 /// router admits nobody and the compute nodes retry.
 struct DevnetEnrollment: Service {
+    /// What the devnet's compute nodes charge: 0.5 EMC per 1M prompt tokens, 1.5 EMC per 1M completion tokens,
+    /// 0.0001 EMC per embedding input, for every model.
+    static let computePrices = PriceList(entries: [
+        PriceEntry(name: PriceList.wildcard, perMillionPromptTokens: Amount(baseUnits: 50_000_000),
+                   perMillionCompletionTokens: Amount(baseUnits: 150_000_000), perEmbeddingInput: Amount(baseUnits: 10_000)),
+    ])
     let client: ChainClient
     let owner: SigningKey
     let router: (key: SigningKey, tunnelAddress: String)
@@ -105,7 +148,10 @@ struct DevnetEnrollment: Service {
                                         lockDays: requirement.router.minimumLockDays, endpoints: [router.tunnelAddress]) { say("chain: " + $0) }
             for node in computeNodes {
                 try await enrollment.enroll(node: node, role: .compute, stake: Amount(emc: 1_000), lockDays: 30, endpoints: []) { say("chain: " + $0) }
+                try await enrollment.ensurePrices(node: node.publicKey, prices: Self.computePrices) { say("chain: " + $0) }
             }
+            // The funded account pays for the devnet's OPENAI_API_KEY from this escrow.
+            try await enrollment.ensureEscrow(router: router.key.publicKey, amount: Amount(emc: 1_000)) { say("chain: " + $0) }
         }
         try? await gracefulShutdown()
     }

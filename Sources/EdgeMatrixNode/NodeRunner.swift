@@ -23,13 +23,16 @@ public enum NodeRunner {
     }
 
     /// A router admits the compute nodes that the chain at `chainURL` (a validator's HTTP API) has registered.
+    /// Assignments and receipts name the prices of the nodes' price lists in that registry.
     public static func runRouter(configuration: RouterConfiguration, key: SigningKey, chainURL: String, logger: Logger,
                                  onReady: @escaping @Sendable (RouterEndpoints) async -> Void) async throws {
         NodeMetrics.bootstrap()
         let admitted = RegisteredNodes()
-        let router = try RouterService(configuration: configuration, key: key, admission: admitted, metricsText: NodeMetrics.text,
-                                       logger: logger, onReady: onReady)
-        let follower = RegistryFollower(nodeURL: chainURL, admitted: admitted, logger: logger)
+        let priceBook = RegistryPriceBook()
+        let escrows = ChainEscrows(router: key.publicKey)
+        let router = try RouterService(configuration: configuration, key: key, admission: admitted, priceBook: priceBook,
+                                       escrows: escrows, metricsText: NodeMetrics.text, logger: logger, onReady: onReady)
+        let follower = RegistryFollower(nodeURL: chainURL, admitted: admitted, prices: priceBook, escrows: escrows, logger: logger)
         let group = ServiceGroup(services: [router, follower], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
     }

@@ -14,13 +14,17 @@ import ServiceLifecycle
 public struct RegistryFollower: Service {
     let nodeURL: String
     let admitted: RegisteredNodes
+    let prices: RegistryPriceBook?
+    let escrows: ChainEscrows?
     let logger: Logger
     private let refreshes = Counter(label: "emc_router_registry_refreshes_total")
     private let failures = Counter(label: "emc_router_registry_failures_total")
 
-    public init(nodeURL: String, admitted: RegisteredNodes, logger: Logger) {
+    public init(nodeURL: String, admitted: RegisteredNodes, prices: RegistryPriceBook? = nil, escrows: ChainEscrows? = nil, logger: Logger) {
+        self.escrows = escrows
         self.nodeURL = nodeURL.hasSuffix("/") ? String(nodeURL.dropLast()) : nodeURL
         self.admitted = admitted
+        self.prices = prices
         self.logger = logger
     }
 
@@ -37,6 +41,12 @@ public struct RegistryFollower: Service {
         let answer = try await client.get("/nodes")
         guard let nodes = answer["nodes"] as? [[String: Any]], let height = (answer["height"] as? NSNumber)?.uint64Value else {
             throw RegistryFollowerError.malformedAnswer
+        }
+        prices?.update(RegistryPriceBook.priceLists(nodes))
+        if let escrows {
+            let answer = try await client.get("/escrows?router=\(escrows.router.hex)")
+            guard let list = answer["escrows"] as? [[String: Any]] else { throw RegistryFollowerError.malformedAnswer }
+            escrows.update(list)
         }
         admitted.update(Self.eligibleComputeNodes(nodes), height: height)
         refreshes.increment()

@@ -24,14 +24,19 @@ public struct Forwarder: Sendable {
     }
 
     /// `bodyBytes` is what the request holds in memory while it waits for a free slot (the wait queue is bounded by it).
+    /// `makeRequest` builds the request for the chosen node's app and the attempt index (0 for the first node, one
+    /// more for each node it fails over to): each attempt gets a receipt of its own.
     public func start(route: WorkRoute, bodyBytes: Int = 0,
-                      makeRequest: @escaping @Sendable (_ appName: String) -> WorkRequest) async throws(OpenAIError) -> StartedAnswer {
+                      makeRequest: @escaping @Sendable (_ appName: String, _ attempt: UInt32) -> WorkRequest) async throws(OpenAIError) -> StartedAnswer {
         let started = pool.nowMs()
         var tried = Set<NodeID>()
         var attempt = 0
         var lastFailure = "no node tried"
         while true {
             let elapsed = pool.nowMs() - started
+            // Each loop assigns at most one job, so the attempts made so far number this one.
+            let attemptIndex = UInt32(clamping: attempt)
+            let makeRequest: @Sendable (String) -> WorkRequest = { app in makeRequest(app, attemptIndex) }
             let assignment = await pool.assign(route: route, excluding: tried, makeRequest: makeRequest)
             let job: WorkJob
             switch assignment {

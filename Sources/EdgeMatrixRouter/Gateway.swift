@@ -7,6 +7,7 @@ import Logging
 import Metrics
 import HTTPTypes
 import NIOCore
+import Synchronization
 
 /// Checks `Authorization: Bearer <key>` against the router's hashed API keys. A valid key is remembered by its
 /// hash (no secret stays in memory) for at most `validity`, so a key revoked with `emc keys api revoke` stops
@@ -15,38 +16,55 @@ public actor APIKeyCache {
     let store: APIKeyStore
     let validity: Duration
     static let maxEntries = 10_000
-    private var checked: [Hash32: ContinuousClock.Instant] = [:]
+    private var checked: [Hash32: (at: ContinuousClock.Instant, key: AuthorizedKey)] = [:]
 
     public init(store: APIKeyStore, validity: Duration = .seconds(1)) {
         self.store = store
         self.validity = validity
     }
 
-    public func isValid(_ key: String) -> Bool {
+    public func isValid(_ key: String) -> Bool { lookup(key) != nil }
+
+    /// The key's binding (account and limit), or nil for an unknown or revoked key.
+    public func lookup(_ key: String) -> AuthorizedKey? {
         // Anything longer than a real key is not one; hashing it would only cost time.
-        guard key.utf8.count <= 256 else { return false }
-        let hash = Hash32.of(Array(key.utf8))
+        guard key.utf8.count <= 256 else { return nil }
+        let hash = APIKeyBinding.hash(ofSecret: key)
         let now = ContinuousClock.now
-        if let at = checked[hash], now - at < validity { return true }
-        guard (try? store.isValid(key)) == true else {
+        if let entry = checked[hash], now - entry.at < validity { return entry.key }
+        guard let found = try? store.lookup(key) else {
             checked[hash] = nil
-            return false
+            return nil
         }
         if checked.count >= Self.maxEntries { checked.removeAll() }
-        checked[hash] = now
-        return true
+        checked[hash] = (now, found)
+        return found
     }
 }
 
-struct APIKeyMiddleware<Context: RequestContext>: RouterMiddleware {
+/// The gateway's request context: what the API-key middleware found, for the handlers.
+public struct RouterRequestContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    /// The request's API key and its binding; set by `APIKeyMiddleware` on `/v1` routes.
+    public var apiKey: AuthorizedKey?
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+    }
+}
+
+struct APIKeyMiddleware: RouterMiddleware {
+    typealias Context = RouterRequestContext
     let keys: APIKeyCache
 
     func handle(_ request: Request, context: Context, next: (Request, Context) async throws -> Response) async throws -> Response {
         guard let header = request.headers[.authorization], header.hasPrefix("Bearer "),
-              await keys.isValid(String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)) else {
+              let key = await keys.lookup(String(header.dropFirst(7)).trimmingCharacters(in: .whitespaces)) else {
             Counter(label: "emc_router_errors_total", dimensions: [("code", "invalid_api_key")]).increment()
             throw OpenAIError.invalidAPIKey()
         }
+        var context = context
+        context.apiKey = key
         return try await next(request, context)
     }
 }
@@ -78,23 +96,39 @@ public struct Gateway: Sendable {
     /// A whole request body must arrive within this time (the idle timeout alone lets a client drip bytes for ever).
     public static let bodyReadTimeoutSeconds = 60
 
+    /// A key binding is a few hundred bytes of hex.
+    public static let keyBindingMaxBodyBytes = 8 << 10
+
     let pool: NodePool
     let forwarder: Forwarder
     let keys: APIKeyCache
+    let receipts: ReceiptStore
+    /// The router's node key: bindings must name it, and keys from before bindings bill its own account.
+    let routerKey: PublicKey
     let metricsText: @Sendable () -> [UInt8]
     let logger: Logger
+    /// The epoch API-key spend limits count in.
+    let epochs: any SpendEpochs
+    /// The payers' escrows with this router on chain.
+    let escrows: any EscrowView
+    private let bindingLimiter = RateWindow(perSecond: 20)
 
-    public init(pool: NodePool, forwarder: Forwarder, keys: APIKeyCache, metricsText: @escaping @Sendable () -> [UInt8],
-                logger: Logger) {
+    public init(pool: NodePool, forwarder: Forwarder, keys: APIKeyCache, receipts: ReceiptStore, routerKey: PublicKey,
+                epochs: any SpendEpochs = SingleSpendEpoch(), escrows: any EscrowView = UncheckedEscrow(),
+                metricsText: @escaping @Sendable () -> [UInt8], logger: Logger) {
+        self.epochs = epochs
+        self.escrows = escrows
         self.pool = pool
         self.forwarder = forwarder
         self.keys = keys
+        self.receipts = receipts
+        self.routerKey = routerKey
         self.metricsText = metricsText
         self.logger = logger
     }
 
-    public func makeRouter() -> Router<BasicRequestContext> {
-        let router = Router()
+    public func makeRouter() -> Router<RouterRequestContext> {
+        let router = Router(context: RouterRequestContext.self)
         router.add(middleware: OpenAIErrorMiddleware())
         router.get("/health") { _, _ in
             Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: #"{"status":"ok"}"#)))
@@ -102,6 +136,14 @@ public struct Gateway: Sendable {
         router.get("/metrics") { _, _ in
             Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4"],
                      body: .init(byteBuffer: ByteBuffer(bytes: metricsText())))
+        }
+        // Outside API-key auth: this is how a key comes to exist. The signed binding is the credential.
+        router.post("v1/keys") { request, _ in try await bindKey(request) }
+        // The key a binding must name (`emc keys api new --router` asks for it; pin it with --router-key instead).
+        router.get("v1/router") { _, _ in
+            let body = try JSONSerialization.data(withJSONObject: ["object": "router", "router_key": routerKey.hex,
+                                                                    "node_id": routerKey.nodeID.description], options: [.sortedKeys])
+            return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: body)))
         }
         let v1 = router.group("v1").add(middleware: APIKeyMiddleware(keys: keys))
         v1.get("models") { _, _ in try await models() }
@@ -136,7 +178,48 @@ public struct Gateway: Sendable {
         return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
 
-    func openAI(_ request: Request, context: BasicRequestContext, path: String, route: String) async throws -> Response {
+    /// Accepts a request on an authenticated key: allocates its sequence number, durably, and names its payer.
+    func accept(_ context: RouterRequestContext) async throws -> (sequence: UInt64, payer: Account) {
+        guard let key = context.apiKey else { throw OpenAIError.invalidAPIKey() }
+        // A key from before bindings bills the router's own account; every other key exactly its binding's account.
+        let payer = key.account ?? Account(owner: routerKey)
+        let acceptance: ReceiptStore.Acceptance
+        do {
+            // The router's own account (operator keys) has no escrow with itself: its use is not settled.
+            let escrowAvailable = payer.owner == routerKey && payer.subaccount == nil ? nil : escrows.available(payer: payer)
+            acceptance = try await receipts.accept(keyHash: key.keyHash, payer: payer, epoch: epochs.current(),
+                                                   spendLimit: key.spendLimitPerEpoch, escrowAvailable: escrowAvailable)
+        } catch {
+            logger.error("cannot record an accepted request", metadata: ["error": "\(error)"])
+            throw OpenAIError.storeUnavailable()
+        }
+        switch acceptance {
+        case .accepted(let sequence): return (sequence, payer)
+        case .overLimit(let spent): throw OpenAIError.insufficientQuota(spent: spent, limit: key.spendLimitPerEpoch)
+        case .overEscrow(let unsettled, let available):
+            throw OpenAIError.insufficientEscrow(unsettled: unsettled, available: available, router: routerKey)
+        }
+    }
+
+    /// Runs a work route's handler for an accepted request: every answer, errors included, names its sequence number.
+    func accepted(_ context: RouterRequestContext,
+                  _ handle: (_ sequence: UInt64, _ payer: Account) async throws -> Response) async throws -> Response {
+        let (sequence, payer) = try await accept(context)
+        do {
+            return try await handle(sequence, payer)
+        } catch var error as OpenAIError {
+            error.requestSequence = sequence
+            throw error
+        }
+    }
+
+    func openAI(_ request: Request, context: RouterRequestContext, path: String, route: String) async throws -> Response {
+        try await accepted(context) { sequence, payer in
+            try await openAI(request, path: path, route: route, sequence: sequence, payer: payer)
+        }
+    }
+
+    func openAI(_ request: Request, path: String, route: String, sequence: UInt64, payer: Account) async throws -> Response {
         let started = ContinuousClock.now
         let bytes = try await readBody(request, limit: Self.maxBodyBytes)
         let object: [String: Any]
@@ -159,27 +242,34 @@ public struct Gateway: Sendable {
             }
             stream = flag
         }
-        let requestID = "req-" + UUID().uuidString.lowercased()
         let isStream = stream
-        let answer = try await forwarder.start(route: .model(model), bodyBytes: bytes.count) { app in
-            WorkRequest(requestID: requestID, app: app, model: model, method: "POST", path: path,
-                        contentType: "application/json", body: bytes, stream: isStream)
+        // Prices are filled in for the chosen node when the tunnel hands it the request.
+        let answer = try await forwarder.start(route: .model(model), bodyBytes: bytes.count) { app, attempt in
+            WorkRequest(requestID: String(sequence), app: app, model: model, method: "POST", path: path,
+                        contentType: "application/json", body: bytes, stream: isStream, sequence: sequence, attempt: attempt,
+                        payer: payer, prices: .free)
         }
         return respond(with: answer, route: route, started: started)
     }
 
-    func passThrough(_ request: Request, context: BasicRequestContext) async throws -> Response {
+    func passThrough(_ request: Request, context: RouterRequestContext) async throws -> Response {
+        try await accepted(context) { sequence, payer in
+            try await passThrough(request, context: context, sequence: sequence, payer: payer)
+        }
+    }
+
+    func passThrough(_ request: Request, context: RouterRequestContext, sequence: UInt64, payer: Account) async throws -> Response {
         let started = ContinuousClock.now
         let app = try context.parameters.require("app")
         var path = "/" + context.parameters.getCatchAll().joined(separator: "/")
         if let query = request.uri.query, !query.isEmpty { path += "?" + query }
         let body = try await readBody(request, limit: Self.appMaxBodyBytes)
-        let requestID = "req-" + UUID().uuidString.lowercased()
         let contentType = request.headers[.contentType] ?? "application/octet-stream"
         let targetPath = path
-        let answer = try await forwarder.start(route: .app(app), bodyBytes: body.count) { appName in
-            WorkRequest(requestID: requestID, app: appName, model: "", method: request.method.rawValue, path: targetPath,
-                        contentType: contentType, body: body, stream: false)
+        let answer = try await forwarder.start(route: .app(app), bodyBytes: body.count) { appName, attempt in
+            WorkRequest(requestID: String(sequence), app: appName, model: "", method: request.method.rawValue, path: targetPath,
+                        contentType: contentType, body: body, stream: false, sequence: sequence, attempt: attempt, payer: payer,
+                        prices: .free)
         }
         return respond(with: answer, route: "app", started: started)
     }
@@ -193,7 +283,7 @@ public struct Gateway: Sendable {
         let status = answer.status
         var headers: HTTPFields = [.contentType: answer.contentType]
         if isSSE { headers[.cacheControl] = "no-cache" }
-        headers[HTTPField.Name.emcRequestID] = job.request.requestID
+        headers[HTTPField.Name.emcRequestID] = String(job.request.sequence)
         headers[HTTPField.Name.emcNode] = job.nodeID.description
         let body = ResponseBody { writer in
             var outcome = "ok"
@@ -209,7 +299,7 @@ public struct Gateway: Sendable {
                         outcome = "node_disconnected"
                         Counter(label: "emc_router_errors_total", dimensions: [("code", "node_disconnected")]).increment()
                         logger.warning("compute node failed mid-answer", metadata: [
-                            "request": "\(job.request.requestID)", "node": "\(job.nodeID.short)", "error": "\(error)",
+                            "request": "\(job.request.sequence)", "node": "\(job.nodeID.short)", "error": "\(error)",
                         ])
                         if isSSE {
                             let event = OpenAIError(status: .badGateway, type: "server_error", code: "node_disconnected",
@@ -236,6 +326,62 @@ public struct Gateway: Sendable {
         // The tunnel endpoint admits only 200...599; checked again here because an out-of-range code traps.
         let httpStatus = (200...599).contains(status) ? HTTPResponse.Status(code: Int(status)) : .badGateway
         return Response(status: httpStatus, headers: headers, body: body)
+    }
+
+    /// `POST /v1/keys`: stores an account's signed binding of an API key (by its hash) to this router. Body:
+    /// `{"binding": hex, "signature": hex, "label": string?}`; see docs/PROTOCOL.md, "API key binding".
+    func bindKey(_ request: Request) async throws -> Response {
+        guard bindingLimiter.admit() else {
+            throw OpenAIError(status: .tooManyRequests, type: "rate_limit_error", code: "rate_limited",
+                              message: "Too many key bindings right now; retry in a second.", retryAfterSeconds: 1)
+        }
+        let bytes = try await readBody(request, limit: Self.keyBindingMaxBodyBytes)
+        guard let object = (try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any] else {
+            throw OpenAIError.invalidJSON("expected a JSON object with 'binding' and 'signature' (hex)")
+        }
+        func hexField(_ name: String) throws -> [UInt8] {
+            guard let value = object[name] else { throw OpenAIError.missingParameter(name) }
+            guard let text = value as? String, let raw = Hex.decode(text) else {
+                throw OpenAIError.invalidBinding("'\(name)' must be a string of hex digits", param: name)
+            }
+            return raw
+        }
+        let bindingBytes = try hexField("binding"), signature = try hexField("signature")
+        var label = "bound"
+        if let value = object["label"], !(value is NSNull) {
+            guard let text = value as? String, text.utf8.count <= APIKeyStore.maxLabelBytes else {
+                throw OpenAIError.invalidParameter("label", "'label' must be a string of at most \(APIKeyStore.maxLabelBytes) bytes")
+            }
+            label = text
+        }
+        let signed: SignedAPIKeyBinding
+        do { signed = try SignedAPIKeyBinding(bytes: bindingBytes, signature: signature, router: routerKey) } catch {
+            Counter(label: "emc_router_errors_total", dimensions: [("code", error.code)]).increment()
+            throw OpenAIError(status: .badRequest, type: "invalid_request_error", code: error.code, message: error.description,
+                              param: error.code == "bad_signature" ? "signature" : "binding")
+        }
+        let outcome: APIKeyBindOutcome
+        do { outcome = try keys.store.bind(signed, label: label) } catch {
+            logger.error("cannot store an API key binding", metadata: ["error": "\(error)"])
+            throw OpenAIError.storeUnavailable()
+        }
+        switch outcome {
+        case .stored: break
+        case .exists:
+            throw OpenAIError(status: .conflict, type: "invalid_request_error", code: "key_exists",
+                              message: "A key with this hash is already bound at this router (revoked keys stay revoked); generate a new secret.")
+        case .tooManyKeys:
+            throw OpenAIError(status: .forbidden, type: "invalid_request_error", code: "too_many_keys",
+                              message: "This account holds \(APIKeyStore.maxKeysPerAccount) keys at this router already.")
+        }
+        let binding = signed.binding
+        logger.info("API key bound", metadata: ["account": "\(binding.account)", "key": "\(binding.keyHash.hex.prefix(APIKeyStore.idLength))"])
+        let limit: Any = binding.spendLimitPerEpoch == APIKeyBinding.unlimited ? NSNull() : Amount(baseUnits: binding.spendLimitPerEpoch).description
+        let body = try JSONSerialization.data(withJSONObject: [
+            "object": "api_key", "id": String(binding.keyHash.hex.prefix(APIKeyStore.idLength)), "account": binding.account.description,
+            "router": routerKey.hex, "spend_limit_per_epoch": limit, "label": label,
+        ], options: [.sortedKeys])
+        return Response(status: .created, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
 
     /// Reads a request body of at most `limit` bytes (413 `request_too_large` beyond) within the read timeout.
@@ -265,6 +411,22 @@ extension Metrics.Timer {
     func recordInterval(since start: ContinuousClock.Instant) {
         let elapsed = ContinuousClock.now - start
         recordNanoseconds(elapsed.components.seconds * 1_000_000_000 + elapsed.components.attoseconds / 1_000_000_000)
+    }
+}
+
+/// At most `perSecond` events in any one-second window (a coarse router-wide limit on unauthenticated writes).
+final class RateWindow: Sendable {
+    private let state = Mutex((start: ContinuousClock.now, count: 0))
+    let perSecond: Int
+    init(perSecond: Int) { self.perSecond = perSecond }
+
+    func admit() -> Bool {
+        state.withLock { window in
+            let now = ContinuousClock.now
+            if now - window.start >= .seconds(1) { window = (now, 0) }
+            window.count += 1
+            return window.count <= perSecond
+        }
     }
 }
 

@@ -1,3 +1,4 @@
+import EdgeMatrixCore
 import Foundation
 import Hummingbird
 
@@ -10,6 +11,8 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
     public var param: String?
     /// Sent as `Retry-After` (seconds) when the client should come back later.
     public var retryAfterSeconds: Int?
+    /// The router sequence number of the accepted request this error answers, sent as `x-emc-request-id`.
+    public var requestSequence: UInt64?
 
     public init(status: HTTPResponse.Status, type: String, code: String, message: String, param: String? = nil,
                 retryAfterSeconds: Int? = nil) {
@@ -24,6 +27,7 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
     public var headers: HTTPFields {
         var headers: HTTPFields = [.contentType: "application/json"]
         if let retryAfterSeconds { headers[.retryAfter] = String(retryAfterSeconds) }
+        if let requestSequence { headers[.emcRequestID] = String(requestSequence) }
         return headers
     }
 
@@ -95,6 +99,31 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
     public static func requestTooLarge(limit: Int) -> OpenAIError {
         OpenAIError(status: .contentTooLarge, type: "invalid_request_error", code: "request_too_large",
                     message: "The request body exceeds \(limit) bytes.")
+    }
+
+    /// 402, not 429: OpenAI's clients retry a 429 by themselves, and more spending is not what the caller needs.
+    public static func insufficientQuota(spent: UInt64, limit: UInt64) -> OpenAIError {
+        OpenAIError(status: HTTPResponse.Status(code: 402, reasonPhrase: "Payment Required"), type: "insufficient_quota", code: "insufficient_quota",
+                    message: "This API key has spent \(Amount(baseUnits: spent)) EMC of its \(Amount(baseUnits: limit)) EMC limit for this epoch. "
+                        + "Wait for the next epoch, or bind a key with a higher limit (emc keys api new --spend-limit).")
+    }
+
+    /// 402 as well: the payer's escrow with this router is used up by what it has not settled yet.
+    public static func insufficientEscrow(unsettled: UInt64, available: UInt64, router: PublicKey) -> OpenAIError {
+        OpenAIError(status: HTTPResponse.Status(code: 402, reasonPhrase: "Payment Required"), type: "insufficient_quota", code: "insufficient_quota",
+                    message: "The paying account's escrow with this router has \(Amount(baseUnits: available)) EMC available on chain and "
+                        + "\(Amount(baseUnits: unsettled)) EMC of served requests are not settled yet. "
+                        + "Top it up: emc tx escrow open --router \(router.hex) --amount <EMC> --key <account key>.")
+    }
+
+    /// The router could not record the request durably (its disk), so it serves nothing it could not bill.
+    public static func storeUnavailable() -> OpenAIError {
+        OpenAIError(status: .serviceUnavailable, type: "server_error", code: "store_unavailable",
+                    message: "The router cannot record requests right now; retry shortly.", retryAfterSeconds: 1)
+    }
+
+    public static func invalidBinding(_ why: String, param: String) -> OpenAIError {
+        OpenAIError(status: .badRequest, type: "invalid_request_error", code: "invalid_binding", message: why, param: param)
     }
 
     public static func notFound(_ path: String) -> OpenAIError {

@@ -57,13 +57,22 @@ public struct RouterService: Service {
     let database: RouterDatabase
     /// The compute nodes the chain lets serve (kept current by a registry follower beside the router).
     public let admission: RegisteredNodes
+    /// The compute nodes' unit prices that assignments and receipts name.
+    let priceBook: any PriceBook
+    let spendEpochs: any SpendEpochs
+    /// The payers' escrows with this router on chain.
+    let escrows: any EscrowView
     let metricsText: @Sendable () -> [UInt8]
     let onReady: @Sendable (RouterEndpoints) async -> Void
     let logger: Logger
 
-    public init(configuration: RouterConfiguration, key: SigningKey, admission: RegisteredNodes,
+    public init(configuration: RouterConfiguration, key: SigningKey, admission: RegisteredNodes, priceBook: any PriceBook = FreePriceBook(),
+                spendEpochs: any SpendEpochs = SingleSpendEpoch(), escrows: any EscrowView = UncheckedEscrow(),
                 metricsText: @escaping @Sendable () -> [UInt8], logger: Logger = Logger(label: "emc.router"),
                 onReady: @escaping @Sendable (RouterEndpoints) async -> Void = { _ in }) throws {
+        self.priceBook = priceBook
+        self.escrows = escrows
+        self.spendEpochs = spendEpochs
         self.configuration = configuration
         self.key = key
         self.admission = admission
@@ -77,7 +86,7 @@ public struct RouterService: Service {
 
     public func run() async throws {
         let endpoint = TunnelEndpoint(routerKey: key, pool: pool, receipts: ReceiptCollector(routerKey: key, store: receipts),
-                                      admission: admission, logger: logger)
+                                      admission: admission, prices: priceBook, logger: logger)
         let admission = admission
         let pool = pool
         let tls = try NodeTLS.loadOrCreate(in: configuration.dataDirectory, name: "tunnel", key: key)
@@ -89,7 +98,8 @@ public struct RouterService: Service {
         )
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
         let gateway = Gateway(pool: pool, forwarder: Forwarder(pool: pool, policy: configuration.failover, logger: logger),
-                              keys: APIKeyCache(store: APIKeyStore(database: database)), metricsText: metricsText, logger: logger)
+                              keys: APIKeyCache(store: APIKeyStore(database: database)), receipts: receipts, routerKey: key.publicKey,
+                              epochs: spendEpochs, escrows: escrows, metricsText: metricsText, logger: logger)
         let onReady = onReady
         let logger = logger
         try await withThrowingDiscardingTaskGroup { group in

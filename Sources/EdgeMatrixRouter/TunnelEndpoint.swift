@@ -7,18 +7,14 @@ import Metrics
 import Synchronization
 
 /// Why the router refused a node's receipt. Every refusal is node misbehaviour: an honest node only signs
-/// receipts for requests it was assigned, once, over what it really sent.
+/// receipts for requests it was assigned, once, on the assignment's terms, over what it really sent.
 public enum ReceiptRefusal: Error, Equatable, Sendable, CustomStringConvertible {
     case malformed(String)
     case outOfRange(String)
     case signature(ReceiptError)
-    /// An in-band receipt that names another request than the one on its Work stream.
+    /// An in-band receipt that names another (sequence, attempt) than the one on its Work stream.
     case foreignRequest(String)
-    /// The receipt disagrees with what the router relayed (response hash or status).
-    case mismatch(String)
-    /// The receipt claims more units than the relayed bytes can hold.
-    case unitsAboveBound(String)
-    /// Unassigned, already receipted, or over other bytes than the router forwarded.
+    /// Unassigned, already receipted, on other terms than assigned, or disagreeing with what was relayed.
     case refusedByStore(ReceiptAppendOutcome)
 
     /// The `kind` label of `emc_router_node_misbehaviour_total`.
@@ -28,8 +24,6 @@ public enum ReceiptRefusal: Error, Equatable, Sendable, CustomStringConvertible 
         case .outOfRange: "receipt_out_of_range"
         case .signature: "bad_receipt_signature"
         case .foreignRequest: "foreign_receipt"
-        case .mismatch: "receipt_mismatch"
-        case .unitsAboveBound: "units_above_relayed_bound"
         case .refusedByStore(let outcome): outcome.rawValue
         }
     }
@@ -40,38 +34,16 @@ public enum ReceiptRefusal: Error, Equatable, Sendable, CustomStringConvertible 
         case .outOfRange(let why): "receipt field out of range: \(why)"
         case .signature(let error): error.description
         case .foreignRequest(let why): "receipt for another request: \(why)"
-        case .mismatch(let why): "receipt does not match what the router relayed: \(why)"
-        case .unitsAboveBound(let why): "receipt claims more units than were relayed: \(why)"
         case .refusedByStore(.unassigned): "receipt for a request this router never assigned to the node"
-        case .refusedByStore(.alreadyReceipted): "a different receipt for this request was already countersigned"
+        case .refusedByStore(.alreadyReceipted): "a different receipt for this request and attempt was already countersigned"
         case .refusedByStore(.requestHashMismatch): "receipt's request hash is not the hash of the forwarded request"
+        case .refusedByStore(.payerMismatch): "receipt names another payer than the request's API key is bound to"
+        case .refusedByStore(.pricesMismatch): "receipt names other unit prices than those in force at the assignment"
+        case .refusedByStore(.assignmentMismatch): "receipt names another app or model than assigned"
+        case .refusedByStore(.responseMismatch): "receipt's response hash or status differs from the relayed answer"
+        case .refusedByStore(.unitsAboveBound): "receipt bills more units than the relayed bytes can carry"
         case .refusedByStore(let outcome): "receipt refused (\(outcome.rawValue))"
         }
-    }
-}
-
-/// What the router itself relayed for one request, to check the node's receipt against.
-public struct RelayedAnswer: Sendable, Equatable {
-    public var requestID: String
-    public var status: UInt16
-    public var responseHash: Hash32
-    /// Bytes of the request the router forwarded, and of the answer it relayed.
-    public var requestBytes: Int
-    public var responseBytes: Int
-
-    /// Loose bounds on the units a node may claim for what was relayed: every completion token is at least one byte
-    /// of answer, every prompt token at least one byte of request (plus a chat template's few thousand at most),
-    /// and every item at least one request byte. They stop gross inflation without second-guessing honest apps.
-    static let promptTemplateAllowance: UInt64 = 4096
-
-    func bound(_ units: WorkUnits) -> String? {
-        let request = UInt64(clamping: requestBytes), response = UInt64(clamping: responseBytes)
-        if units.completionTokens > response { return "\(units.completionTokens) completion tokens for \(response) relayed bytes" }
-        if units.promptTokens > request + Self.promptTemplateAllowance {
-            return "\(units.promptTokens) prompt tokens for a \(request)-byte request"
-        }
-        if units.items > max(1, request) { return "\(units.items) items for a \(request)-byte request" }
-        return nil
     }
 }
 
@@ -80,24 +52,17 @@ public struct ReceiptCollector: Sendable {
     let routerKey: SigningKey
     let store: ReceiptStore
 
-    static let maxRequestIDBytes = 128
-    static let maxNameBytes = 256
-
     public init(routerKey: SigningKey, store: ReceiptStore) {
         self.routerKey = routerKey
         self.store = store
     }
 
-    /// Every field the node controls, checked before anything is signed or stored.
+    /// Every field the node controls that the store cannot hold or that no honest node signs, checked before
+    /// anything is signed or stored.
     static func validate(_ body: ReceiptBody) throws(ReceiptRefusal) {
-        guard !body.requestID.isEmpty, body.requestID.utf8.count <= maxRequestIDBytes else {
-            throw .outOfRange("request id of \(body.requestID.utf8.count) bytes")
-        }
-        guard body.app.utf8.count <= maxNameBytes, body.model.utf8.count <= maxNameBytes else {
-            throw .outOfRange("app or model name longer than \(maxNameBytes) bytes")
-        }
         for (name, value) in [("prompt_tokens", body.units.promptTokens), ("completion_tokens", body.units.completionTokens),
-                              ("items", body.units.items), ("started_at", body.startedAtMillis), ("ended_at", body.endedAtMillis)]
+                              ("items", body.units.items), ("started_at", body.startedAtMillis), ("ended_at", body.endedAtMillis),
+                              ("sequence", body.sequence)]
         where Int64(exactly: value) == nil {
             throw .outOfRange("\(name) = \(value) is above \(Int64.max)")
         }
@@ -105,26 +70,22 @@ public struct ReceiptCollector: Sendable {
         guard (100...599).contains(body.status) else { throw .outOfRange("status \(body.status)") }
     }
 
-    /// `relayed` is the router's own record of the answer when the receipt arrives on the answer's Work stream;
-    /// nil for a re-delivery on the control stream, which is checked against the durable assignment only.
+    /// `assigned` and `relayed` are the router's own record of the request and answer when the receipt arrives on
+    /// the answer's Work stream; nil for a re-delivery on the control stream, which the store checks against its
+    /// durable records of the assignment and of what was relayed.
     public func collect(bodyBytes: [UInt8], nodeSignature: [UInt8], nodeKey: PublicKey,
-                        relayed: RelayedAnswer?) async throws -> Hash32 {
+                        assigned: (sequence: UInt64, attempt: UInt32)?, relayed: RelayedAnswer?) async throws -> Hash32 {
         var receipt: Receipt
         do { receipt = try Receipt(bodyBytes: bodyBytes, nodeSignature: nodeSignature) } catch {
             throw ReceiptRefusal.malformed(error.description)
         }
         try Self.validate(receipt.body)
-        if let relayed {
-            guard receipt.body.requestID == relayed.requestID else {
-                throw ReceiptRefusal.foreignRequest("names \(receipt.body.requestID.prefix(64)), streamed \(relayed.requestID)")
-            }
-            guard receipt.body.responseHash == relayed.responseHash, receipt.body.status == relayed.status else {
-                throw ReceiptRefusal.mismatch("response hash or status differs from the relayed answer")
-            }
-            if let excess = relayed.bound(receipt.body.units) { throw ReceiptRefusal.unitsAboveBound(excess) }
+        if let assigned, receipt.body.sequence != assigned.sequence || receipt.body.attempt != assigned.attempt {
+            throw ReceiptRefusal.foreignRequest(
+                "names \(receipt.body.sequence).\(receipt.body.attempt), streamed \(assigned.sequence).\(assigned.attempt)")
         }
         do { try receipt.countersign(nodeKey: nodeKey, routerKey: routerKey) } catch { throw ReceiptRefusal.signature(error) }
-        switch try await store.append(receipt) {
+        switch try await store.append(receipt, relayed: relayed) {
         case .stored:
             Counter(label: "emc_router_receipts_total").increment()
         case .alreadyStored:
@@ -149,6 +110,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
     let pool: NodePool
     let receipts: ReceiptCollector
     let admission: any NodeAdmission
+    let prices: any PriceBook
     let logger: Logger
     private let slotCounter = SlotCounter()
 
@@ -160,7 +122,9 @@ public struct TunnelEndpoint: RegistrableRPCService {
     /// Error codes and messages a node reports are cut to this length before they reach logs and clients.
     static let maxReportedText = 256
 
-    public init(routerKey: SigningKey, pool: NodePool, receipts: ReceiptCollector, admission: any NodeAdmission, logger: Logger) {
+    public init(routerKey: SigningKey, pool: NodePool, receipts: ReceiptCollector, admission: any NodeAdmission,
+                prices: any PriceBook = FreePriceBook(), logger: Logger) {
+        self.prices = prices
         self.routerKey = routerKey
         self.pool = pool
         self.receipts = receipts
@@ -171,8 +135,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
     public func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
         router.registerHandler(
             forMethod: TunnelService.control,
-            deserializer: CanonicalDeserializer<NodeControlMessage>(),
-            serializer: CanonicalSerializer<RouterControlMessage>()
+            deserializer: ProtobufWireDeserializer<NodeControlMessage>(),
+            serializer: ProtobufWireSerializer<RouterControlMessage>()
         ) { request, _ in
             StreamingServerResponse { writer in
                 try await control(messages: request.messages, writer: writer)
@@ -181,8 +145,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
         }
         router.registerHandler(
             forMethod: TunnelService.work,
-            deserializer: CanonicalDeserializer<NodeWorkMessage>(),
-            serializer: CanonicalSerializer<RouterWorkMessage>()
+            deserializer: ProtobufWireDeserializer<NodeWorkMessage>(),
+            serializer: ProtobufWireSerializer<RouterWorkMessage>()
         ) { request, _ in
             StreamingServerResponse { writer in
                 try await work(messages: request.messages, writer: writer)
@@ -291,7 +255,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
                 case .receipt(let body, let nodeSignature):
                     let id: Hash32
                     do {
-                        id = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey, relayed: nil)
+                        id = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey, assigned: nil,
+                                                        relayed: nil)
                     } catch let refusal as ReceiptRefusal {
                         // Named by id, so an honest node whose receipt can never pass (the router lost its records)
                         // drops it instead of re-sending it, and being dropped, after every reconnect.
@@ -332,18 +297,25 @@ public struct TunnelEndpoint: RegistrableRPCService {
         guard let job else { return }
         defer { job.commandSink.finish() }
         var ended = false
+        var headStatus: UInt16?
+        var relayedHash = StreamingHasher()
+        var relayedBytes: UInt64 = 0
+        var receiptStored = false
+        // The request as the node gets it: the job's, with this node's prices in force now.
+        var request = job.request
         do {
+            request.prices = await prices.prices(node: session.nodeID, app: request.app, model: request.model, path: request.path)
             // Durable before the node sees the request, so its receipt can be checked even after a router restart.
-            try await receipts.store.recordAssignment(requestID: job.request.requestID, nodeID: session.nodeID,
-                                                      requestHash: Hash32.of(job.request.canonicalBytes))
-            try await writer.write(.assign(job.request))
+            try await receipts.store.recordAssignment(Assignment(
+                sequence: request.sequence, attempt: request.attempt, nodeID: session.nodeID, app: request.app, model: request.model,
+                requestHash: ReceiptBody.requestHash(method: request.method, path: request.path, contentType: request.contentType,
+                                                     stream: request.stream, body: request.body),
+                requestBytes: UInt64(request.body.count), payer: request.payer, prices: request.prices))
+            try await writer.write(.assign(request))
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
                     for await command in job.commands { try await writer.write(command) }
                 }
-                var headStatus: UInt16?
-                var relayedHash = StreamingHasher()
-                var relayedBytes = 0
                 // The RPC ends once the answer is complete (and its receipt acknowledged) or failed.
                 answer: while let message = try await inbound.next() {
                     switch message {
@@ -360,17 +332,17 @@ public struct TunnelEndpoint: RegistrableRPCService {
                     case .chunk(let bytes):
                         guard headStatus != nil else { throw NodeViolation(kind: "out_of_order", detail: "a chunk before the head") }
                         relayedHash.update(bytes)
-                        relayedBytes += bytes.count
+                        relayedBytes += UInt64(bytes.count)
                         _ = await job.responses.send(message)
                     case .end(let body, let signature):
                         guard let status = headStatus else { throw NodeViolation(kind: "out_of_order", detail: "an end before the head") }
                         ended = true
                         job.responses.finish()
-                        let relayed = RelayedAnswer(requestID: job.request.requestID, status: status, responseHash: relayedHash.finalize(),
-                                                    requestBytes: job.request.body.count, responseBytes: relayedBytes)
+                        let relayed = RelayedAnswer(status: status, responseHash: relayedHash.finalize(), responseBytes: relayedBytes)
                         do {
-                            let receiptID = try await receipts.collect(bodyBytes: body, nodeSignature: signature,
-                                                                       nodeKey: session.key, relayed: relayed)
+                            let receiptID = try await receipts.collect(bodyBytes: body, nodeSignature: signature, nodeKey: session.key,
+                                                                       assigned: (request.sequence, request.attempt), relayed: relayed)
+                            receiptStored = true
                             job.commandSink.yield(.receiptAck(receiptID: receiptID))
                         } catch let refusal as ReceiptRefusal {
                             throw NodeViolation(kind: refusal.kind, detail: refusal.description)
@@ -393,15 +365,30 @@ public struct TunnelEndpoint: RegistrableRPCService {
             }
         } catch let violation as NodeViolation {
             job.fail(.misbehaved(kind: violation.kind, detail: String(violation.detail.prefix(Self.maxReportedText))))
+            await recordRelayed(request, status: headStatus, hash: relayedHash, bytes: relayedBytes, stored: receiptStored)
             await pool.finished(nodeID: session.nodeID, number: session.number)
             await punish(violation, nodeID: session.nodeID, number: session.number)
             throw RPCError(code: .permissionDenied, message: "disconnected for \(violation.kind)")
         } catch {
             if !ended { job.fail(.disconnected) }
+            await recordRelayed(request, status: headStatus, hash: relayedHash, bytes: relayedBytes, stored: receiptStored)
             await pool.finished(nodeID: session.nodeID, number: session.number)
             throw error
         }
+        await recordRelayed(request, status: headStatus, hash: relayedHash, bytes: relayedBytes, stored: receiptStored)
         await pool.finished(nodeID: session.nodeID, number: session.number)
+    }
+
+    /// An answer that began but left no stored receipt: what was relayed is recorded, so a receipt the node sends
+    /// later on its control stream is held to it (a node cannot drop the stream and then bill more than it sent).
+    private func recordRelayed(_ request: WorkRequest, status: UInt16?, hash: StreamingHasher, bytes: UInt64, stored: Bool) async {
+        guard let status, !stored else { return }
+        do {
+            try await receipts.store.recordRelayed(sequence: request.sequence, attempt: request.attempt,
+                                                   RelayedAnswer(status: status, responseHash: hash.finalize(), responseBytes: bytes))
+        } catch {
+            logger.error("cannot record a relayed answer", metadata: ["request": "\(request.sequence)", "error": "\(error)"])
+        }
     }
 }
 

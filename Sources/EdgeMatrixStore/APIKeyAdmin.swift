@@ -9,6 +9,10 @@ public struct APIKeyInfo: Sendable, Equatable {
     public var label: String
     public var createdAtMillis: Int64
     public var revoked: Bool
+    /// The account the key's signed binding names; nil for a key from before bindings (the router's own account).
+    public var account: Account?
+    /// Base units per epoch; `APIKeyBinding.unlimited` for none.
+    public var spendLimitPerEpoch: UInt64
 }
 
 public enum APIKeyAdminError: Error, Equatable, CustomStringConvertible, Sendable {
@@ -33,11 +37,7 @@ extension APIKeyStore {
     /// Every key, oldest first.
     public func list() throws -> [APIKeyInfo] {
         try database.pool.read { db in
-            try Row.fetchAll(db, sql: "SELECT key_hash, label, created_at, revoked FROM api_key ORDER BY created_at, key_hash").map { row in
-                let hash: String = row["key_hash"]
-                return APIKeyInfo(id: String(hash.prefix(Self.idLength)), label: row["label"], createdAtMillis: row["created_at"],
-                                  revoked: row["revoked"])
-            }
+            try Row.fetchAll(db, sql: "SELECT \(Self.infoColumns) FROM api_key ORDER BY created_at, key_hash").map(Self.info)
         }
     }
 
@@ -61,11 +61,19 @@ extension APIKeyStore {
             guard !hashes.isEmpty else { throw APIKeyAdminError.notFound(selector.hasPrefix(Self.prefix) ? "the given key" : selector) }
             guard hashes.count == 1 else { throw APIKeyAdminError.ambiguous(selector, matches: hashes.count) }
             try db.execute(sql: "UPDATE api_key SET revoked = 1 WHERE key_hash = ?", arguments: [hashes[0]])
-            guard let row = try Row.fetchOne(db, sql: "SELECT key_hash, label, created_at, revoked FROM api_key WHERE key_hash = ?",
+            guard let row = try Row.fetchOne(db, sql: "SELECT \(Self.infoColumns) FROM api_key WHERE key_hash = ?",
                                              arguments: [hashes[0]]) else { throw APIKeyAdminError.notFound(selector) }
-            let hash: String = row["key_hash"]
-            return APIKeyInfo(id: String(hash.prefix(Self.idLength)), label: row["label"], createdAtMillis: row["created_at"],
-                              revoked: row["revoked"])
+            return try Self.info(row)
         }
+    }
+
+    static let infoColumns = "key_hash, label, created_at, revoked, account, spend_limit"
+
+    static func info(_ row: Row) throws -> APIKeyInfo {
+        let hash: String = row["key_hash"]
+        let id = String(hash.prefix(idLength))
+        let (account, limit) = try decodeBinding(row, what: id)
+        return APIKeyInfo(id: id, label: row["label"], createdAtMillis: row["created_at"], revoked: row["revoked"],
+                          account: account, spendLimitPerEpoch: limit)
     }
 }

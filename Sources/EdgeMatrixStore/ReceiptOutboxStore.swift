@@ -56,6 +56,17 @@ public final class ReceiptOutboxStore: Sendable {
         }
     }
 
+    /// Deletes receipts of an older version than this node signs (version 1 receipts no router reads any more) and
+    /// returns how many it deleted.
+    @discardableResult
+    public func dropOldVersions() throws -> Int {
+        try pool.write { db -> Int in
+            // Only version 1 exactly: any other unreadable row is a corrupt file, reported by `load`.
+            try db.execute(sql: "DELETE FROM outbox_receipt WHERE substr(body, 1, 1) = x'01'")
+            return db.changesCount
+        }
+    }
+
     /// Number of receipts stored.
     public func count() throws -> Int {
         let count = try pool.read { db in try Int64.fetchOne(db, sql: "SELECT COUNT(*) FROM outbox_receipt") ?? 0 }

@@ -36,7 +36,8 @@ enum DurableDatabase {
     }
 }
 
-/// The router's durable state in one SQLite file: API keys (hashed) and receipts.
+/// The router's durable state in one SQLite file: API keys (hashed, with their signed bindings), the sequence
+/// numbers of accepted requests, what was assigned to which node, and receipts.
 public final class RouterDatabase: Sendable {
     let pool: DatabasePool
     public let path: String
@@ -74,8 +75,6 @@ public final class RouterDatabase: Sendable {
                 t.column("stored_at_ms", .integer).notNull()
             }
         }
-        // What the router assigned to which node, durable before the node sees the request: a receipt is
-        // countersigned only against this record (also after a router restart), and only once.
         migrator.registerMigration("v2-assignments") { db in
             try db.create(table: "assignment") { t in
                 t.column("request_id", .text).notNull()
@@ -86,46 +85,234 @@ public final class RouterDatabase: Sendable {
                 t.primaryKey(["request_id", "node_id"])
             }
         }
+        // Receipt v2: receipts are named by (router sequence number, attempt). Version 1 receipts and their
+        // assignments are kept aside, undecoded (nothing settled them; v1 is no longer read).
+        migrator.registerMigration("v3-receipt-v2") { db in
+            try db.rename(table: "receipt", to: "receipt_v1")
+            try db.rename(table: "assignment", to: "assignment_v1")
+            // An index keeps its name when its table is renamed; the new receipt table wants it.
+            try db.execute(sql: "DROP INDEX IF EXISTS receipt_on_node_id")
+            // One row per accepted request: its sequence number, contiguous from 1 and never reused.
+            try db.create(table: "accepted_request") { t in
+                t.primaryKey("sequence", .integer)
+                t.column("key_hash", .text).notNull()
+                t.column("payer", .blob).notNull()
+                t.column("accepted_at_ms", .integer).notNull()
+                // The router-local spend epoch the request counts against (see `APIKeySpend`).
+                t.column("epoch", .integer).notNull().defaults(to: 0)
+            }
+            // What each key spent per epoch, in base units (decimal text: a u64), from its stored receipts.
+            try db.create(table: "key_spend") { t in
+                t.column("key_hash", .text).notNull()
+                t.column("epoch", .integer).notNull()
+                t.column("spent", .text).notNull()
+                t.primaryKey(["key_hash", "epoch"])
+            }
+            // What the router handed to which node, durable before the node sees the request; and, once the answer
+            // ended, what the router relayed. A receipt is countersigned only against this record, and only once.
+            try db.create(table: "assignment") { t in
+                t.column("sequence", .integer).notNull()
+                t.column("attempt", .integer).notNull()
+                t.column("node_id", .text).notNull()
+                t.column("app", .text).notNull()
+                t.column("model", .text).notNull()
+                t.column("request_hash", .blob).notNull()
+                t.column("request_bytes", .integer).notNull()
+                t.column("payer", .blob).notNull()
+                t.column("prices", .blob).notNull()
+                t.column("assigned_at_ms", .integer).notNull()
+                t.column("response_status", .integer)
+                t.column("response_hash", .blob)
+                t.column("response_bytes", .integer)
+                t.column("receipt_id", .text)
+                t.primaryKey(["sequence", "attempt"])
+            }
+            try db.create(table: "receipt") { t in
+                t.autoIncrementedPrimaryKey("position")
+                t.column("receipt_id", .text).notNull().unique()
+                t.column("sequence", .integer).notNull()
+                t.column("attempt", .integer).notNull()
+                t.column("payer", .blob).notNull().indexed()
+                t.column("node_id", .text).notNull().indexed()
+                t.column("app", .text).notNull()
+                t.column("model", .text).notNull()
+                t.column("prompt_tokens", .integer).notNull()
+                t.column("completion_tokens", .integer).notNull()
+                t.column("items", .integer).notNull()
+                t.column("started_at_ms", .integer).notNull()
+                t.column("ended_at_ms", .integer).notNull()
+                t.column("body", .blob).notNull()
+                t.column("node_signature", .blob).notNull()
+                t.column("router_signature", .blob).notNull()
+                t.column("stored_at_ms", .integer).notNull()
+                // One receipt per node that worked on a request: the identity settlement relies on.
+                t.uniqueKey(["sequence", "attempt"])
+            }
+            // Keys are bound to accounts by a signed statement. Keys from before this have no binding and count as
+            // bound to the router's own account (NULL account), with no spend limit.
+            try db.alter(table: "api_key") { t in
+                t.add(column: "account", .blob)
+                t.add(column: "spend_limit", .text)
+                t.add(column: "binding", .blob)
+                t.add(column: "binding_signature", .blob)
+            }
+            try db.create(index: "api_key_account", on: "api_key", columns: ["account"])
+        }
+        // What each payer's stored receipts cost and no settlement has taken from its escrow yet (base units, decimal
+        // text: a u64). The router serves a payer only while its escrow's available balance on chain exceeds this.
+        migrator.registerMigration("v4-payer-unsettled") { db in
+            try db.create(table: "payer_unsettled") { t in
+                t.primaryKey("payer", .blob)
+                t.column("amount", .text).notNull()
+            }
+        }
         return migrator
     }
 }
 
 // MARK: - API keys
 
-/// API keys are random secrets shown once; only their SHA-256 is stored.
+/// An API key as the gateway sees it once the secret checks out: its hash, who pays, and its limit.
+public struct AuthorizedKey: Sendable, Equatable {
+    public var keyHash: Hash32
+    /// The account the key's binding names; nil for a key from before bindings (the router's own account).
+    public var account: Account?
+    public var spendLimitPerEpoch: UInt64
+
+    public init(keyHash: Hash32, account: Account?, spendLimitPerEpoch: UInt64) {
+        self.keyHash = keyHash
+        self.account = account
+        self.spendLimitPerEpoch = spendLimitPerEpoch
+    }
+}
+
+/// How the store answered a binding.
+public enum APIKeyBindOutcome: String, Sendable, Equatable {
+    case stored
+    /// A key with this hash exists already (a repeated post, or a revoked key): nothing changed.
+    case exists = "key_exists"
+    /// The account holds the most keys one account may bind at this router.
+    case tooManyKeys = "too_many_keys"
+}
+
+/// API keys are random secrets shown once; only their SHA-256 is stored, with the account's signed binding.
 public struct APIKeyStore: Sendable {
     let database: RouterDatabase
     public init(database: RouterDatabase) { self.database = database }
 
-    public static let prefix = "emc-sk-"
+    public static let prefix = APIKeyBinding.secretPrefix
+    /// Bound keys (revoked ones included) per account: anyone may post a binding, so one account cannot fill the disk.
+    public static let maxKeysPerAccount = 64
+    public static let maxLabelBytes = 128
 
-    /// Creates a key and returns its secret text (the only time it exists in clear).
-    public func create(label: String) throws -> String {
-        var generator = SystemRandomNumberGenerator()
-        let secret = Self.prefix + Hex.encode((0..<24).map { _ in UInt8.random(in: 0...255, using: &generator) })
-        let hash = Hash32.of(Array(secret.utf8)).hex
-        let now = Int64(Date().timeIntervalSince1970 * 1000)
-        try database.pool.write { db in
-            try db.execute(sql: "INSERT INTO api_key (key_hash, label, created_at) VALUES (?, ?, ?)",
-                           arguments: [hash, label, now])
-        }
-        return secret
-    }
-
-    public func isValid(_ secret: String) throws -> Bool {
-        let hash = Hash32.of(Array(secret.utf8)).hex
-        return try database.pool.read { db in
-            try Bool.fetchOne(db, sql: "SELECT NOT revoked FROM api_key WHERE key_hash = ?", arguments: [hash]) ?? false
+    /// Creates a key bound to `signer`'s account (the router's own key for an operator's key), and returns its
+    /// secret text: the only time it exists in clear.
+    public func create(label: String, router: PublicKey, signer: SigningKey, spendLimitPerEpoch: UInt64 = APIKeyBinding.unlimited) throws -> String {
+        let secret = APIKeyBinding.newSecret()
+        let binding = APIKeyBinding(router: router, account: Account(owner: signer.publicKey), keyHash: APIKeyBinding.hash(ofSecret: secret),
+                                    spendLimitPerEpoch: spendLimitPerEpoch, createdAtMillis: Self.nowMillis())
+        switch try bind(SignedAPIKeyBinding(signing: binding, with: signer), label: label) {
+        case .stored: return secret
+        case let refused: throw StoreError.outOfRange("API key not stored: \(refused.rawValue)")
         }
     }
 
+    /// Stores a checked binding (see `SignedAPIKeyBinding(bytes:signature:router:)`) under its key hash.
+    public func bind(_ signed: SignedAPIKeyBinding, label: String) throws -> APIKeyBindOutcome {
+        let binding = signed.binding
+        let account = Data(binding.account.canonicalBytes)
+        guard let created = Int64(exactly: binding.createdAtMillis) else {
+            throw StoreError.outOfRange("binding created_at_ms \(binding.createdAtMillis)")
+        }
+        return try database.pool.write { db in
+            if try Bool.fetchOne(db, sql: "SELECT 1 FROM api_key WHERE key_hash = ?", arguments: [binding.keyHash.hex]) == true {
+                return .exists
+            }
+            let held = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM api_key WHERE account = ?", arguments: [account]) ?? 0
+            guard held < Self.maxKeysPerAccount else { return .tooManyKeys }
+            try db.execute(sql: """
+                INSERT INTO api_key (key_hash, label, created_at, account, spend_limit, binding, binding_signature)
+                VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [binding.keyHash.hex, String(label.prefix(Self.maxLabelBytes)), created, account,
+                                 String(binding.spendLimitPerEpoch), Data(signed.bytes), Data(signed.signature)])
+            return .stored
+        }
+    }
+
+    /// The key with this secret, unless unknown or revoked.
+    public func lookup(_ secret: String) throws -> AuthorizedKey? {
+        let hash = APIKeyBinding.hash(ofSecret: secret)
+        guard let row = try database.pool.read({ db in
+            try Row.fetchOne(db, sql: "SELECT account, spend_limit FROM api_key WHERE key_hash = ? AND NOT revoked",
+                             arguments: [hash.hex])
+        }) else { return nil }
+        let (account, limit) = try Self.decodeBinding(row, what: hash.hex.prefix(Self.idLength))
+        return AuthorizedKey(keyHash: hash, account: account, spendLimitPerEpoch: limit)
+    }
+
+    public func isValid(_ secret: String) throws -> Bool { try lookup(secret) != nil }
+
+    static func decodeBinding(_ row: Row, what: some StringProtocol) throws -> (Account?, UInt64) {
+        var account: Account?
+        if let bytes: Data = row["account"] {
+            do { account = try Account(canonicalBytes: Array(bytes)) } catch { throw StoreError.corruptRow("API key \(what): account: \(error)") }
+        }
+        var limit = APIKeyBinding.unlimited
+        if let text: String = row["spend_limit"] {
+            guard let value = UInt64(text) else { throw StoreError.corruptRow("API key \(what): spend limit '\(text.prefix(40))'") }
+            limit = value
+        }
+        return (account, limit)
+    }
+
+    static func nowMillis() -> UInt64 { UInt64(max(0, Date().timeIntervalSince1970) * 1000) }
 }
 
 // MARK: - Receipts
 
 public struct StoredReceipt: Sendable, Equatable {
-    public var sequence: Int64
+    /// Order in which the router stored it (not the router sequence number, which is in the body).
+    public var position: Int64
     public var receipt: Receipt
+}
+
+/// One request handed to one node, as the router records it before the node sees it.
+public struct Assignment: Sendable, Equatable {
+    public var sequence: UInt64
+    public var attempt: UInt32
+    public var nodeID: NodeID
+    public var app: String
+    public var model: String
+    public var requestHash: Hash32
+    public var requestBytes: UInt64
+    public var payer: Account
+    public var prices: UnitPrices
+
+    public init(sequence: UInt64, attempt: UInt32, nodeID: NodeID, app: String, model: String, requestHash: Hash32,
+                requestBytes: UInt64, payer: Account, prices: UnitPrices) {
+        self.sequence = sequence
+        self.attempt = attempt
+        self.nodeID = nodeID
+        self.app = app
+        self.model = model
+        self.requestHash = requestHash
+        self.requestBytes = requestBytes
+        self.payer = payer
+        self.prices = prices
+    }
+}
+
+/// What the router itself relayed of one answer: the node's receipt must agree with it.
+public struct RelayedAnswer: Sendable, Equatable {
+    public var status: UInt16
+    public var responseHash: Hash32
+    public var responseBytes: UInt64
+
+    public init(status: UInt16, responseHash: Hash32, responseBytes: UInt64) {
+        self.status = status
+        self.responseHash = responseHash
+        self.responseBytes = responseBytes
+    }
 }
 
 /// How the store answered a receipt, checked against the router's own assignment record.
@@ -134,40 +321,128 @@ public enum ReceiptAppendOutcome: String, Sendable, Equatable {
     case stored
     /// This very receipt is already stored (a re-delivery whose acknowledgement was lost): acknowledge again.
     case alreadyStored = "already_stored"
-    /// Refused: this router never assigned the request to this node.
+    /// Refused: this router never assigned this (sequence, attempt) to this node.
     case unassigned = "unassigned_receipt"
-    /// Refused: a different receipt for this request and node is already stored (billing one request twice).
+    /// Refused: a different receipt for this (sequence, attempt) is already stored (billing one request twice).
     case alreadyReceipted = "replayed_receipt"
-    /// Refused: the receipt's request hash is not the hash of the bytes the router forwarded.
+    /// Refused: the receipt's request hash is not the hash of what the router forwarded.
     case requestHashMismatch = "request_hash_mismatch"
+    /// Refused: the receipt names another payer than the account the request's API key is bound to.
+    case payerMismatch = "payer_mismatch"
+    /// Refused: the receipt names other unit prices than those in force at the assignment.
+    case pricesMismatch = "prices_mismatch"
+    /// Refused: the receipt names another app or model than the assignment.
+    case assignmentMismatch = "assignment_mismatch"
+    /// Refused: the receipt's response hash or status is not what the router relayed.
+    case responseMismatch = "receipt_mismatch"
+    /// Refused: the receipt bills more units than the relayed bytes can carry (`BilledUnits.bound`).
+    case unitsAboveBound = "units_above_relayed_bound"
 }
 
-/// Append-only receipt log, and the assignment record receipts are checked against. Writes are group-committed:
-/// concurrent writes share one transaction and one fsync, and each caller returns only once its write is durable
-/// (that is when the router forwards a request, and when it acknowledges a receipt).
+/// Append-only receipt log, the sequence numbers of accepted requests, and the assignment record receipts are
+/// checked against. Writes are group-committed: concurrent writes share one transaction and one fsync, and each
+/// caller returns only once its write is durable (that is when the router accepts a request, forwards it, and
+/// acknowledges a receipt).
 public actor ReceiptStore {
     enum Operation {
-        case assign(requestID: String, nodeID: NodeID, requestHash: Hash32)
-        case receipt(Receipt)
+        case accept(keyHash: Hash32, payer: Account, epoch: UInt64, limit: UInt64, escrowAvailable: UInt64?)
+        case assign(Assignment)
+        case relayed(sequence: UInt64, attempt: UInt32, RelayedAnswer)
+        case receipt(Receipt, relayed: RelayedAnswer?)
+    }
+
+    enum Answer {
+        case sequence(UInt64)
+        case overLimit(spent: UInt64)
+        case overEscrow(unsettled: UInt64, available: UInt64)
+        case done
+        case receipt(ReceiptAppendOutcome)
     }
 
     let database: RouterDatabase
-    private var pending: [(Operation, CheckedContinuation<ReceiptAppendOutcome, any Error>)] = []
+    private var pending: [(Operation, CheckedContinuation<Answer, any Error>)] = []
     private var flushing = false
 
     public init(database: RouterDatabase) { self.database = database }
 
-    /// Records, durably, that the request was handed to the node; the node may then be paid for it once.
-    public func recordAssignment(requestID: String, nodeID: NodeID, requestHash: Hash32) async throws {
-        _ = try await enqueue(.assign(requestID: requestID, nodeID: nodeID, requestHash: requestHash))
+    /// Accepts a request: returns its sequence number, one more than the last one ever given out (durably, so a
+    /// restarted router never gives a number twice and never skips one).
+    public func accept(keyHash: Hash32, payer: Account) async throws -> UInt64 {
+        guard case .accepted(let sequence) = try await accept(keyHash: keyHash, payer: payer, epoch: 0, spendLimit: APIKeyBinding.unlimited,
+                                                            escrowAvailable: nil) else {
+            throw StoreError.corruptRow("no sequence number allocated")
+        }
+        return sequence
     }
 
-    /// Stores a countersigned receipt if it matches an assignment that has no receipt yet. Returns once durable.
-    public func append(_ receipt: Receipt) async throws -> ReceiptAppendOutcome {
-        try await enqueue(.receipt(receipt))
+    public enum Acceptance: Sendable, Equatable {
+        case accepted(sequence: UInt64)
+        /// The key's receipts in this epoch already cost its spend limit: no sequence number was given out.
+        case overLimit(spent: UInt64)
+        /// The payer's unsettled receipts already cost what its escrow with this router has available on chain.
+        case overEscrow(unsettled: UInt64, available: UInt64)
     }
 
-    private func enqueue(_ operation: Operation) async throws -> ReceiptAppendOutcome {
+    /// Accepts a request unless the key has spent its limit in `epoch`, or the payer's unsettled receipts already cost
+    /// `escrowAvailable` (its escrow's available balance with this router as last read from the chain; nil: not
+    /// checked). Both count stored receipts; requests still being served are not reserved against either yet, so
+    /// concurrent requests can pass a limit by what they cost.
+    public func accept(keyHash: Hash32, payer: Account, epoch: UInt64, spendLimit: UInt64,
+                       escrowAvailable: UInt64? = nil) async throws -> Acceptance {
+        switch try await enqueue(.accept(keyHash: keyHash, payer: payer, epoch: epoch, limit: spendLimit, escrowAvailable: escrowAvailable)) {
+        case .sequence(let sequence): return .accepted(sequence: sequence)
+        case .overLimit(let spent): return .overLimit(spent: spent)
+        case .overEscrow(let unsettled, let available): return .overEscrow(unsettled: unsettled, available: available)
+        default: throw StoreError.corruptRow("no sequence number allocated")
+        }
+    }
+
+    /// What the payer's stored receipts cost that no settlement has taken from its escrow yet (saturating).
+    public func unsettled(payer: Account) async throws -> UInt64 {
+        try await database.pool.read { db in try Self.unsettled(payer: payer, in: db) }
+    }
+
+    private static func unsettled(payer: Account, in db: Database) throws -> UInt64 {
+        guard let text = try String.fetchOne(db, sql: "SELECT amount FROM payer_unsettled WHERE payer = ?",
+                                             arguments: [Data(payer.canonicalBytes)]) else { return 0 }
+        guard let value = UInt64(text) else { throw StoreError.corruptRow("payer_unsettled of \(payer): '\(text.prefix(40))'") }
+        return value
+    }
+
+    /// What the key's stored receipts of `epoch` cost, in base units (saturating at 2^64 − 1).
+    public func spent(keyHash: Hash32, epoch: UInt64) async throws -> UInt64 {
+        try await database.pool.read { db in try Self.spent(keyHash: keyHash, epoch: epoch, in: db) }
+    }
+
+    private static func spent(keyHash: Hash32, epoch: UInt64, in db: Database) throws -> UInt64 {
+        guard let epoch = Int64(exactly: epoch) else { return 0 }
+        guard let text = try String.fetchOne(db, sql: "SELECT spent FROM key_spend WHERE key_hash = ? AND epoch = ?",
+                                             arguments: [keyHash.hex, epoch]) else { return 0 }
+        guard let value = UInt64(text) else { throw StoreError.corruptRow("key_spend of \(keyHash.hex.prefix(16)): '\(text.prefix(40))'") }
+        return value
+    }
+
+    /// Records, durably, that the request was handed to the node on these terms; the node may then be paid once.
+    public func recordAssignment(_ assignment: Assignment) async throws {
+        _ = try await enqueue(.assign(assignment))
+    }
+
+    /// Records what the router relayed of an answer that ended without an acceptable receipt, so that a receipt
+    /// the node sends later (on its control stream) is checked against it too.
+    public func recordRelayed(sequence: UInt64, attempt: UInt32, _ relayed: RelayedAnswer) async throws {
+        _ = try await enqueue(.relayed(sequence: sequence, attempt: attempt, relayed))
+    }
+
+    /// Stores a countersigned receipt if it matches its assignment, which has no receipt yet, and what the router
+    /// relayed (`relayed`, or the record of it). Returns once durable.
+    public func append(_ receipt: Receipt, relayed: RelayedAnswer? = nil) async throws -> ReceiptAppendOutcome {
+        guard case .receipt(let outcome) = try await enqueue(.receipt(receipt, relayed: relayed)) else {
+            throw StoreError.corruptRow("no receipt outcome")
+        }
+        return outcome
+    }
+
+    private func enqueue(_ operation: Operation) async throws -> Answer {
         try await withCheckedThrowingContinuation { continuation in
             pending.append((operation, continuation))
             if !flushing {
@@ -181,19 +456,29 @@ public actor ReceiptStore {
         while !pending.isEmpty {
             let batch = pending
             pending.removeAll()
-            let now = Int64(Date().timeIntervalSince1970 * 1000)
+            let now = Int64(APIKeyStore.nowMillis())
             do {
                 let outcomes = try await database.pool.write { db in
-                    try batch.map { operation, _ -> Result<ReceiptAppendOutcome, StoreError> in
+                    try batch.map { operation, _ -> Result<Answer, StoreError> in
                         switch operation {
-                        case .assign(let requestID, let nodeID, let requestHash):
-                            try db.execute(sql: """
-                                INSERT OR IGNORE INTO assignment (request_id, node_id, request_hash, assigned_at_ms)
-                                VALUES (?, ?, ?, ?)
-                                """, arguments: [requestID, nodeID.description, Data(requestHash.bytes), now])
-                            return .success(.stored)
-                        case .receipt(let receipt):
-                            return try Self.insert(receipt, now: now, in: db)
+                        case .accept(let keyHash, let payer, let epoch, let limit, let escrowAvailable):
+                            if limit != APIKeyBinding.unlimited {
+                                let spent = try Self.spent(keyHash: keyHash, epoch: epoch, in: db)
+                                if spent >= limit { return .success(.overLimit(spent: spent)) }
+                            }
+                            if let escrowAvailable {
+                                let unsettled = try Self.unsettled(payer: payer, in: db)
+                                if unsettled >= escrowAvailable {
+                                    return .success(.overEscrow(unsettled: unsettled, available: escrowAvailable))
+                                }
+                            }
+                            return try Self.accept(keyHash: keyHash, payer: payer, epoch: epoch, now: now, in: db).map { .sequence($0) }
+                        case .assign(let assignment):
+                            return try Self.insert(assignment, now: now, in: db).map { .done }
+                        case .relayed(let sequence, let attempt, let relayed):
+                            return try Self.record(relayed, sequence: sequence, attempt: attempt, in: db).map { .done }
+                        case .receipt(let receipt, let relayed):
+                            return try Self.insert(receipt, relayed: relayed, now: now, in: db).map { .receipt($0) }
                         }
                     }
                 }
@@ -205,43 +490,118 @@ public actor ReceiptStore {
         flushing = false
     }
 
-    private static func insert(_ receipt: Receipt, now: Int64, in db: Database) throws -> Result<ReceiptAppendOutcome, StoreError> {
+    private static func accept(keyHash: Hash32, payer: Account, epoch: UInt64, now: Int64, in db: Database) throws -> Result<UInt64, StoreError> {
+        let last = try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM accepted_request") ?? 0
+        guard last >= 0, last < Int64.max, let epoch = Int64(exactly: epoch) else {
+            return .failure(.outOfRange("router sequence number \(last) or epoch \(epoch)"))
+        }
+        try db.execute(sql: "INSERT INTO accepted_request (sequence, key_hash, payer, accepted_at_ms, epoch) VALUES (?, ?, ?, ?, ?)",
+                       arguments: [last + 1, keyHash.hex, Data(payer.canonicalBytes), now, epoch])
+        return .success(UInt64(last + 1))
+    }
+
+    private static func insert(_ a: Assignment, now: Int64, in db: Database) throws -> Result<Void, StoreError> {
+        guard let sequence = Int64(exactly: a.sequence), let requestBytes = Int64(exactly: a.requestBytes) else {
+            return .failure(.outOfRange("assignment \(a.sequence).\(a.attempt)"))
+        }
+        try db.execute(sql: """
+            INSERT OR IGNORE INTO assignment (sequence, attempt, node_id, app, model, request_hash, request_bytes, payer, prices,
+                assigned_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [sequence, Int64(a.attempt), a.nodeID.description, a.app, a.model, Data(a.requestHash.bytes), requestBytes,
+                             Data(a.payer.canonicalBytes), Data(a.prices.canonicalBytes), now])
+        return .success(())
+    }
+
+    private static func record(_ relayed: RelayedAnswer, sequence: UInt64, attempt: UInt32, in db: Database) throws -> Result<Void, StoreError> {
+        guard let sequence = Int64(exactly: sequence), let bytes = Int64(exactly: relayed.responseBytes) else {
+            return .failure(.outOfRange("relayed answer of \(sequence).\(attempt)"))
+        }
+        // The first record stands: what was relayed does not change afterwards.
+        try db.execute(sql: """
+            UPDATE assignment SET response_status = ?, response_hash = ?, response_bytes = ?
+            WHERE sequence = ? AND attempt = ? AND response_hash IS NULL
+            """, arguments: [Int64(relayed.status), Data(relayed.responseHash.bytes), bytes, sequence, Int64(attempt)])
+        return .success(())
+    }
+
+    private static func insert(_ receipt: Receipt, relayed: RelayedAnswer?, now: Int64,
+                               in db: Database) throws -> Result<ReceiptAppendOutcome, StoreError> {
         let body = receipt.body
         // SQLite integers are signed 64-bit: a value above Int64.max is refused, never trapped on.
         guard let prompt = Int64(exactly: body.units.promptTokens), let completion = Int64(exactly: body.units.completionTokens),
               let items = Int64(exactly: body.units.items), let started = Int64(exactly: body.startedAtMillis),
-              let ended = Int64(exactly: body.endedAtMillis) else {
-            return .failure(.outOfRange("receipt \(receipt.id.hex) has a count or time above \(Int64.max)"))
+              let ended = Int64(exactly: body.endedAtMillis), let sequence = Int64(exactly: body.sequence) else {
+            return .failure(.outOfRange("receipt \(receipt.id.hex) has a count, time or sequence above \(Int64.max)"))
         }
-        let nodeID = body.nodeID.description
+        let attempt = Int64(body.attempt)
         guard let row = try Row.fetchOne(db, sql: """
-            SELECT request_hash, receipt_id FROM assignment WHERE request_id = ? AND node_id = ?
-            """, arguments: [body.requestID, nodeID]) else { return .success(.unassigned) }
-        let assignedHash: Data = row["request_hash"]
-        guard Array(assignedHash) == body.requestHash.bytes else { return .success(.requestHashMismatch) }
-        let existing: String? = row["receipt_id"]
-        if let existing {
+            SELECT node_id, app, model, request_hash, request_bytes, payer, prices, response_status, response_hash, response_bytes,
+                receipt_id FROM assignment WHERE sequence = ? AND attempt = ?
+            """, arguments: [sequence, attempt]),
+              row["node_id"] as String == body.nodeID.description else { return .success(.unassigned) }
+        if let existing: String = row["receipt_id"] {
             return .success(existing == receipt.id.hex ? .alreadyStored : .alreadyReceipted)
         }
+        guard Array(row["request_hash"] as Data) == body.requestHash.bytes else { return .success(.requestHashMismatch) }
+        guard Array(row["payer"] as Data) == body.payer.canonicalBytes else { return .success(.payerMismatch) }
+        guard Array(row["prices"] as Data) == body.prices.canonicalBytes else { return .success(.pricesMismatch) }
+        guard row["app"] as String == body.app, row["model"] as String == body.model else { return .success(.assignmentMismatch) }
+        let requestBytes = UInt64(clamping: row["request_bytes"] as Int64)
+        // What was relayed: this answer's, or the record of it. Without either (the router stopped mid-answer) only
+        // the request side can be bounded.
+        var answer = relayed
+        if answer == nil, let hash: Data = row["response_hash"], let hash32 = Hash32(bytes: Array(hash)),
+           let status = UInt16(exactly: row["response_status"] as Int64? ?? -1), let bytes = row["response_bytes"] as Int64? {
+            answer = RelayedAnswer(status: status, responseHash: hash32, responseBytes: UInt64(clamping: bytes))
+        }
+        if let answer {
+            guard answer.status == body.status, answer.responseHash == body.responseHash else { return .success(.responseMismatch) }
+        }
+        let bound = BilledUnits.bound(requestBytes: requestBytes, responseBytes: answer?.responseBytes ?? .max)
+        guard body.units.isWithin(bound) else { return .success(.unitsAboveBound) }
+        if let relayed, case .failure(let error) = try record(relayed, sequence: body.sequence, attempt: body.attempt, in: db) {
+            return .failure(error)
+        }
         try db.execute(sql: """
-            INSERT INTO receipt (receipt_id, request_id, node_id, app, model, prompt_tokens, completion_tokens,
+            INSERT INTO receipt (receipt_id, sequence, attempt, payer, node_id, app, model, prompt_tokens, completion_tokens,
                 items, started_at_ms, ended_at_ms, body, node_signature, router_signature, stored_at_ms)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """, arguments: [
-                receipt.id.hex, body.requestID, nodeID, body.app, body.model, prompt, completion, items, started, ended,
-                Data(receipt.bodyBytes), Data(receipt.nodeSignature), Data(receipt.routerSignature ?? []), now,
+                receipt.id.hex, sequence, attempt, Data(body.payer.canonicalBytes), body.nodeID.description, body.app, body.model,
+                prompt, completion, items, started, ended, Data(receipt.bodyBytes), Data(receipt.nodeSignature),
+                Data(receipt.routerSignature ?? []), now,
             ])
-        try db.execute(sql: "UPDATE assignment SET receipt_id = ? WHERE request_id = ? AND node_id = ?",
-                       arguments: [receipt.id.hex, body.requestID, nodeID])
+        try db.execute(sql: "UPDATE assignment SET receipt_id = ? WHERE sequence = ? AND attempt = ?",
+                       arguments: [receipt.id.hex, sequence, attempt])
+        // The key that made the request has spent what the receipt costs (a cost above 64 bits counts as all).
+        if let accepted = try Row.fetchOne(db, sql: "SELECT key_hash, epoch FROM accepted_request WHERE sequence = ?", arguments: [sequence]),
+           let keyHash = Hash32(hex: accepted["key_hash"] as String) {
+            let epoch: Int64 = accepted["epoch"]
+            let before = try spent(keyHash: keyHash, epoch: UInt64(clamping: epoch), in: db)
+            let (total, overflow) = before.addingReportingOverflow(body.cost ?? .max)
+            try db.execute(sql: "INSERT OR REPLACE INTO key_spend (key_hash, epoch, spent) VALUES (?, ?, ?)",
+                           arguments: [keyHash.hex, epoch, String(overflow ? .max : total)])
+        }
+        // And its payer owes it until a settlement takes it from the escrow.
+        let owed = try unsettled(payer: body.payer, in: db)
+        let (owedTotal, owedOverflow) = owed.addingReportingOverflow(body.cost ?? .max)
+        try db.execute(sql: "INSERT OR REPLACE INTO payer_unsettled (payer, amount) VALUES (?, ?)",
+                       arguments: [Data(body.payer.canonicalBytes), String(owedOverflow ? .max : owedTotal)])
         return .success(.stored)
     }
 
-    /// Receipts in append order, from `afterSequence` (exclusive).
-    public func list(afterSequence: Int64 = 0, limit: Int = 1000) async throws -> [StoredReceipt] {
+    /// The last sequence number given out (0 before the first request).
+    public func lastSequence() async throws -> UInt64 {
+        let last = try await database.pool.read { db in try Int64.fetchOne(db, sql: "SELECT MAX(sequence) FROM accepted_request") ?? 0 }
+        return UInt64(clamping: last)
+    }
+
+    /// Receipts in the order they were stored, from `afterPosition` (exclusive).
+    public func list(afterPosition: Int64 = 0, limit: Int = 1000) async throws -> [StoredReceipt] {
         let rows = try await database.pool.read { db in
             try Row.fetchAll(db, sql: """
-                SELECT seq, body, node_signature, router_signature FROM receipt WHERE seq > ? ORDER BY seq LIMIT ?
-                """, arguments: [afterSequence, limit])
+                SELECT position, body, node_signature, router_signature FROM receipt WHERE position > ? ORDER BY position LIMIT ?
+                """, arguments: [afterPosition, limit])
         }
         return try rows.map { row in
             let body: Data = row["body"]
@@ -250,9 +610,9 @@ public actor ReceiptStore {
             do {
                 let receipt = try Receipt(bodyBytes: Array(body), nodeSignature: Array(nodeSig),
                                           routerSignature: Array(routerSig))
-                return StoredReceipt(sequence: row["seq"], receipt: receipt)
+                return StoredReceipt(position: row["position"], receipt: receipt)
             } catch {
-                throw StoreError.corruptRow("receipt \(row["seq"] as Int64): \(error)")
+                throw StoreError.corruptRow("receipt \(row["position"] as Int64): \(error)")
             }
         }
     }

@@ -2,6 +2,7 @@ import ArgumentParser
 import EdgeMatrixChain
 import EdgeMatrixCore
 import EdgeMatrixLedger
+import EdgeMatrixNode
 import Foundation
 
 // The chain CLI follows one convention: transactions are `emc tx <module> <verb>`, reads are `emc query <what>`,
@@ -127,6 +128,12 @@ struct GenesisCommand: AsyncParsableCommand {
         @Option(help: "Comma-separated peer addresses HOST:PORT, one per validator (overrides --host/--base-port).")
         var endpoints: String?
         @Flag(help: "Replace an existing genesis in OUT.") var force = false
+        @Option(help: "Blocks per epoch (a settlement batch closes at each epoch boundary).") var epochLengthBlocks: UInt64 = DevnetGenesis.epochLengthBlocks
+        @Option(help: "Share of every settled amount burned, in basis points (default 500).") var protocolFeeBps: UInt32?
+        @Option(help: "Blocks during which a settlement can be challenged (default: half an epoch).") var challengeWindowBlocks: UInt64?
+        @Option(help: "Blocks node payouts are held after the challenge window (default: half an epoch).") var auditWindowBlocks: UInt64?
+        @Option(help: "Blocks a router has to settle an epoch (default: two epochs).") var settlementDeadlineBlocks: UInt64?
+        @Option(help: "k: a router holds at most k × its bonded stake in escrow (default 1).") var routerEscrowCapMultiple: UInt32?
 
         func validate() throws {
             guard (1...100).contains(validators) else { throw ValidationError("--validators must be between 1 and 100") }
@@ -142,13 +149,24 @@ struct GenesisCommand: AsyncParsableCommand {
             let list = endpoints.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
                 ?? (0..<validators).map { "\(host):\(basePort + $0)" }
             let directory = absolute(out)
-            let genesis = try DevnetGenesis.create(directory: directory, chainID: chainID, endpoints: list, overwrite: force)
+            let genesis = try DevnetGenesis.create(directory: directory, chainID: chainID, endpoints: list, overwrite: force,
+                                                   epochLengthBlocks: epochLengthBlocks) { p in
+                if let protocolFeeBps { p.protocolFeeBps = protocolFeeBps }
+                if let challengeWindowBlocks { p.challengeWindowBlocks = challengeWindowBlocks }
+                if let auditWindowBlocks { p.auditWindowBlocks = auditWindowBlocks }
+                if let settlementDeadlineBlocks { p.settlementDeadlineBlocks = settlementDeadlineBlocks }
+                if let routerEscrowCapMultiple { p.routerEscrowCapMultiple = routerEscrowCapMultiple }
+            }
             let layout = DevnetGenesis.Layout(directory: directory)
             let funded = try KeyFile.read(from: layout.fundedKeyPath)
             say("genesis:        \(layout.genesisPath) (chain \(genesis.chainID), \(validators) validators)")
             for i in 1...validators { say("validator \(i):    \(layout.validatorKeyPath(i))  peer \(list[i - 1])") }
             say("funded key:     \(layout.fundedKeyPath)")
             say("funded account: \(Account(owner: funded.publicKey))")
+            let p = genesis.parameters
+            say("settlement:     epoch \(p.epochLengthBlocks) blocks, challenge window \(p.challengeWindowBlocks), audit window "
+                + "\(p.auditWindowBlocks), deadline \(p.settlementDeadlineBlocks), protocol fee \(p.protocolFeeBps) bps, "
+                + "escrow cap \(p.routerEscrowCapMultiple) × router stake, escrow withdrawal delay \(p.escrowWithdrawDelayBlocks) blocks")
         }
     }
 }
@@ -198,12 +216,13 @@ struct Tx: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Sign and submit transactions: emc tx <module> <verb>.",
         discussion: """
-        Modules: token (transfer), stake (bond, unbond, withdraw), node (register, update, retire). `emc tx transfer` \
+        Modules: token (transfer), stake (bond, unbond, withdraw), node (register, update, retire, prices, router-fee), \
+        escrow (open, withdraw). `emc tx transfer` \
         is short for `emc tx token transfer`. Each command signs with --key, submits to --node (default \
         $EMC_NODE_URL) and waits until the transaction is in a block; a transaction the chain refuses prints why and \
         exits with status 1. Fees are the ledger's transfer fee, burned.
         """,
-        subcommands: [Transfer.self, Token.self, Stake.self, NodeTx.self])
+        subcommands: [Transfer.self, Token.self, Stake.self, NodeTx.self, EscrowTx.self])
 
     struct Transfer: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -314,7 +333,7 @@ struct Tx: AsyncParsableCommand {
             key they do not hold. Retired nodes cannot come back; register a new node key instead. (The ledger has no \
             jailing yet, so there is no unjail.)
             """,
-            subcommands: [Register.self, Update.self, Retire.self])
+            subcommands: [Register.self, Update.self, Retire.self, Prices.self, RouterFee.self])
 
         struct Register: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -401,6 +420,127 @@ struct Tx: AsyncParsableCommand {
                 try await tx.submit({ _ in .retireNode(nodeKey: key) }, signer: signer, client: client)
             }
         }
+
+        struct Prices: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Set a compute node's price list (replaces the old one).",
+                discussion: """
+                The file is JSON: {"prices": [{"model": "llama3.2:3b", "per_million_prompt_tokens": "0.5", \
+                "per_million_completion_tokens": "1.5"}, {"app": "sd", "per_image": "0.02"}, {"model": "*", \
+                "per_rest_call": "0.001"}]}. Prices are EMC strings (up to 8 decimals); a missing price is 0. An entry \
+                names a model, or an app for apps without models; "*" applies to anything not listed; a node with no \
+                matching entry charges nothing. Chat and completions pay per million prompt and completion tokens, \
+                embeddings per input, image generation per image, REST apps per call. At most 64 entries, names 1 to \
+                128 printable ASCII characters. The entries are sorted for you.
+                """)
+            @Option(help: "The compute node: its key file or its 64-hex-digit public key.") var nodeKey: String
+            @Option(help: "The price file (JSON).") var file: String
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let data: Data
+                do { data = try Data(contentsOf: URL(fileURLWithPath: absolute(file))) } catch {
+                    throw CLIError("--file \(file): cannot read it (\(error.localizedDescription))")
+                }
+                let prices: PriceList
+                do { prices = try PriceList.parse(json: data) } catch { throw CLIError("--file \(file): \(error)") }
+                let client = try tx.node.client()
+                let key = try parsePublicKeyArgument(nodeKey, option: "--node-key")
+                let signer = try tx.signer()
+                try await tx.submit({ _ in .setPrices(SetPrices(nodeKey: key, prices: prices)) }, signer: signer, client: client)
+            }
+        }
+
+        struct RouterFee: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "router-fee",
+                abstract: "Set a router's fee, in basis points of what it settles (at most 10000 minus the protocol fee).")
+            @Option(help: "The router node: its key file or its 64-hex-digit public key.") var nodeKey: String
+            @Option(help: "The fee in basis points (100 = 1%).") var bps: UInt32
+            @OptionGroup var tx: TxOptions
+
+            func validate() throws {
+                guard bps <= 10_000 else { throw ValidationError("--bps must be at most 10000 (100%)") }
+            }
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let key = try parsePublicKeyArgument(nodeKey, option: "--node-key")
+                let signer = try tx.signer()
+                let bps = bps
+                try await tx.submit({ _ in .setRouterFee(SetRouterFee(nodeKey: key, feeBps: bps)) }, signer: signer, client: client)
+            }
+        }
+    }
+
+    // MARK: escrow
+
+    struct EscrowTx: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "escrow",
+            abstract: "Open, top up and withdraw the escrow that pays a router for your requests.",
+            discussion: """
+            An escrow belongs to the --key account and one router (its node key). Routers charge requests against it \
+            and settle each epoch. `open` moves EMC from the account into the escrow (again = top up); a router holds \
+            at most router_escrow_cap_multiple × its bonded stake in escrow from all payers together. `withdraw` is one \
+            transaction: after one epoch plus the challenge window (see `emc query params`) the ledger returns what is \
+            neither spent nor pending to the account by itself. A top-up cancels a waiting withdrawal.
+            """,
+            subcommands: [Open.self, Withdraw.self])
+
+        /// The escrow's state after the transaction, for the output.
+        static func escrowFields(client: ChainClient, account: Account, router: PublicKey) async throws -> [String: Any] {
+            guard let escrow = try await client.escrows(of: account).first(where: { $0["router"] as? String == router.hex }) else {
+                return ["escrow": NSNull()]
+            }
+            return ["escrow": escrow]
+        }
+
+        static func describe(_ result: [String: Any]?) {
+            guard let escrow = result?["escrow"] as? [String: Any] else { return }
+            say("escrow with router \(escrow["router_id"] ?? "?"): balance \(escrow["balance"] ?? "?") EMC, pending \(escrow["pending"] ?? "?"), available \(escrow["available"] ?? "?")")
+            if let due = escrow["withdrawable_at_height"] as? Int {
+                say("withdrawal scheduled: the available EMC returns to \(escrow["account"] ?? "the account") at the end of block \(due)")
+            }
+        }
+
+        struct Open: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Move EMC from the --key account into its escrow with a router (opens it, or tops it up).")
+            @Option(help: "The router's node key: 64 hex digits or its key file.") var router: String
+            @Option(help: "Amount in EMC, up to 8 decimals, e.g. 50.") var amount: String
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let routerKey = try parsePublicKeyArgument(router, option: "--router")
+                let value = try parseAmountArgument(amount, option: "--amount")
+                let signer = try tx.signer()
+                let account = Account(owner: signer.publicKey)
+                let result = try await tx.submit({ _ in .escrowOpen(EscrowOpen(router: routerKey, amount: value)) }, signer: signer, client: client) { _ in
+                    try await EscrowTx.escrowFields(client: client, account: account, router: routerKey)
+                }
+                if !tx.json { EscrowTx.describe(result) }
+            }
+        }
+
+        struct Withdraw: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                abstract: "Ask for the escrow with a router back; the ledger returns it after one epoch plus the challenge window.")
+            @Option(help: "The router's node key: 64 hex digits or its key file.") var router: String
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let routerKey = try parsePublicKeyArgument(router, option: "--router")
+                let signer = try tx.signer()
+                let account = Account(owner: signer.publicKey)
+                let result = try await tx.submit({ _ in .escrowWithdraw(EscrowWithdraw(router: routerKey)) }, signer: signer, client: client) { _ in
+                    try await EscrowTx.escrowFields(client: client, account: account, router: routerKey)
+                }
+                if !tx.json { EscrowTx.describe(result) }
+            }
+        }
     }
 }
 
@@ -409,7 +549,7 @@ struct Tx: AsyncParsableCommand {
 struct Query: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Read the chain through a validator's HTTP API: emc query <what> [--json].",
-        subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self])
+        subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self, Params.self, EscrowQuery.self])
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Chain id, latest committed height, block hash, state root, mempool size.")
@@ -497,7 +637,9 @@ struct Query: AsyncParsableCommand {
             --json prints an array; each element has node_key, node_id, role, owner (ICRC-1 account text of the owner \
             key), owner_key, status (active, jailed or retired, as the chain reports it), stake (the backing stake's \
             amount in EMC, or null if it is gone), stake_id, stake_status, endpoints, registered_at and, where the \
-            validator reports it, eligible (whether routers admit the node now).
+            validator reports it, eligible (whether routers admit the node now), prices (a compute node's price list: \
+            name and per_million_prompt_tokens, per_million_completion_tokens, per_embedding_input, per_image, \
+            per_rest_call in EMC) and router_fee_bps (a router's fee).
             """)
         @Option(help: "Only nodes of this role.") var role: RoleArgument?
         @OptionGroup var node: NodeOption
@@ -533,6 +675,7 @@ struct Query: AsyncParsableCommand {
                     "owner": Account(owner: owner).description, "owner_key": ownerHex, "status": record["status"] ?? NSNull(),
                     "stake": stakeAmount ?? NSNull(), "stake_id": stakeID.map { $0 as Any } ?? NSNull(), "stake_status": stakeStatus ?? NSNull(),
                     "endpoints": record["endpoints"] ?? [], "registered_at": record["registered_at"] ?? NSNull(),
+                    "prices": record["prices"] ?? [], "router_fee_bps": record["router_fee_bps"] ?? 0,
                 ]
                 if let eligible = record["eligible"] { element["eligible"] = eligible }
                 elements.append(element)
@@ -581,10 +724,85 @@ struct Query: AsyncParsableCommand {
     }
 }
 
+extension Query {
+    struct Params: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Every ledger parameter, by its genesis JSON key.",
+            discussion: """
+            --json prints the chain's `parameters` object exactly as in its genesis file (protocol_fee_bps, \
+            challenge_window_blocks, audit_window_blocks, settlement_deadline_blocks, router_escrow_cap_multiple, \
+            epoch_length_blocks, transfer_fee, staking, rewards, ...). The readable form adds what is derived from \
+            them (the escrow withdrawal delay: one epoch plus the challenge window).
+            """)
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let answer = try await node.client().get("/params")
+            guard let parameters = answer["parameters"] as? [String: Any] else {
+                throw CLIError("the node did not return a `parameters` object; is it an EdgeMatrix validator of this version?")
+            }
+            if output.json { return printJSON(parameters) }
+            func text(_ value: Any) -> String {
+                if value is [Any] || value is [String: Any],
+                   let data = try? JSONSerialization.data(withJSONObject: value, options: [.sortedKeys, .withoutEscapingSlashes]) {
+                    return String(decoding: data, as: UTF8.self)
+                }
+                return "\(value)"
+            }
+            var rows = parameters.keys.sorted().map { [$0, text(parameters[$0]!)] }
+            for (key, value) in ((answer["derived"] as? [String: Any]) ?? [:]).sorted(by: { $0.key < $1.key }) {
+                rows.append(["\(key) (derived)", text(value)])
+            }
+            printTable(["PARAMETER", "VALUE"], rows)
+        }
+    }
+
+    struct EscrowQuery: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "escrow",
+            abstract: "An account's escrows, one per router.",
+            discussion: """
+            --json prints an array; each element has account, router (node key hex), router_id, balance (everything in \
+            the escrow, pending included), pending (charged by settlements still in their challenge window), available \
+            (balance − pending: what routers may still charge and what a withdrawal returns), their *_base_units and \
+            withdrawable_at_height (the block at whose end a requested withdrawal returns, or null).
+            """)
+        @Argument(help: "ICRC-1 account text, a hex public key, or a key file.") var account: String
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let account = try parseAccountArgument(account)
+            let escrows = try await node.client().escrows(of: account)
+            if output.json { return printJSON(escrows) }
+            if escrows.isEmpty { return say("no escrows for \(account)") }
+            printTable(["ROUTER ID", "BALANCE (EMC)", "PENDING", "AVAILABLE", "WITHDRAWABLE AT"], escrows.map { e in
+                ["\(e["router_id"] ?? "")", "\(e["balance"] ?? "")", "\(e["pending"] ?? "")", "\(e["available"] ?? "")",
+                 (e["withdrawable_at_height"] as? Int).map { "block \($0)" } ?? "-"]
+            })
+        }
+    }
+}
+
 // MARK: - Benchmarks
 
 struct Bench: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Benchmarks.", subcommands: [ChainBenchCommand.self])
+    static let configuration = CommandConfiguration(abstract: "Benchmarks.", subcommands: [ChainBenchCommand.self, SettleBenchCommand.self])
+
+    struct SettleBenchCommand: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "settle",
+            abstract: "Settlement batch over synthetic receipts: build time, memory, settle size, ledger apply, proof size, watchtower.",
+            discussion: "Receipts are random bytes (no signatures); a release build gives the real figures.")
+        @Option(help: "Synthetic receipts in the batch.") var receipts: Int = 1_000_000
+        @Option(help: "(payer, node) pairs they spread over.") var pairs: Int = 1_000
+        @Option(help: "Bytes per receipt.") var receiptBytes: Int = 300
+
+        func run() throws {
+            say(try SettleBench.run(receipts: receipts, pairs: pairs, receiptSize: receiptBytes, progress: say).description)
+        }
+    }
 
     struct ChainBenchCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

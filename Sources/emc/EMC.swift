@@ -210,21 +210,33 @@ struct Keys: AsyncParsableCommand {
     struct ListAPIKeys: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "list",
-            abstract: "List a router's API keys: id (from the key's hash; the secret is never stored), label, creation time, state.")
+            abstract: "List a router's API keys: id (from the key's hash; the secret is never stored), label, account, spend limit, creation time, state.")
         @Option(name: .long, help: "The router's data dir.") var dataDir: String = defaultDataDirectory()
         @Flag(help: "Print JSON instead of a table.") var json = false
 
         func run() throws {
-            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: absolute(dataDir)).databasePath)
+            let directory = absolute(dataDir)
+            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: directory).databasePath)
             let keys = try APIKeyStore(database: database).list()
+            // Keys from before bindings bill the router's own account.
+            let routerAccount = (try? KeyFile.read(from: directory + "/node.key")).map { Account(owner: $0.publicKey).description }
+            func account(_ info: APIKeyInfo) -> String? { info.account?.description ?? routerAccount }
+            func limit(_ info: APIKeyInfo) -> String? {
+                info.spendLimitPerEpoch == APIKeyBinding.unlimited ? nil : Amount(baseUnits: info.spendLimitPerEpoch).description
+            }
             if json {
-                return printJSON(keys.map { ["id": $0.id, "label": $0.label, "created_at_ms": $0.createdAtMillis, "revoked": $0.revoked] as [String: Any] })
+                return printJSON(keys.map {
+                    ["id": $0.id, "label": $0.label, "created_at_ms": $0.createdAtMillis, "revoked": $0.revoked,
+                     "account": account($0) ?? NSNull(), "bound": $0.account != nil,
+                     "spend_limit_per_epoch": limit($0) ?? NSNull()] as [String: Any]
+                })
             }
             if keys.isEmpty { return say("no API keys; create one with `emc keys api new`") }
             let formatter = ISO8601DateFormatter()
-            printTable(["ID", "STATE", "CREATED", "LABEL"], keys.map {
+            printTable(["ID", "STATE", "CREATED", "ACCOUNT", "LIMIT/EPOCH", "LABEL"], keys.map {
                 [$0.id, $0.revoked ? "revoked" : "active",
-                 formatter.string(from: Date(timeIntervalSince1970: Double($0.createdAtMillis) / 1000)), $0.label]
+                 formatter.string(from: Date(timeIntervalSince1970: Double($0.createdAtMillis) / 1000)),
+                 account($0) ?? "(router's own)", limit($0) ?? "none", $0.label]
             })
         }
     }
@@ -249,13 +261,59 @@ struct Keys: AsyncParsableCommand {
     struct NewAPIKey: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "new",
-            abstract: "Create an API key for a router (printed once; only its hash is stored).")
-        @Option(name: .long, help: "The router's data dir.") var dataDir: String = defaultDataDirectory()
+            abstract: "Create an API key bound to an account (printed once; only its hash is stored).",
+            discussion: """
+            With --router URL the key is made here and bound remotely: the account's key (--account) signs a binding of \
+            the key's hash to that router, and the router stores it (POST /v1/keys). Without --router the key is made \
+            in the router's data dir (operator use): bound to --account if given, else to the router's own account, \
+            signed by the router key (DATA_DIR/node.key). The router charges exactly the bound account.
+            """)
+        @Option(name: .long, help: "The router's data dir (without --router).") var dataDir: String = defaultDataDirectory()
         @Option(help: "A label to remember the key by.") var label: String = "default"
+        @Option(help: ArgumentHelp("Key file of the account the key spends from.", valueName: "KEY_FILE")) var account: String?
+        @Option(help: ArgumentHelp("A router's HTTP URL: bind the key there, remotely (needs --account).", valueName: "URL"))
+        var router: String?
+        @Option(help: ArgumentHelp("Pin the router's public key (64 hex digits) instead of asking the router for it.", valueName: "HEX"))
+        var routerKey: String?
+        @Option(help: ArgumentHelp("Most the key may spend per epoch, in EMC (default: no limit beyond the escrow).", valueName: "EMC"))
+        var spendLimit: String?
 
-        func run() throws {
-            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: absolute(dataDir)).databasePath)
-            say(try APIKeyStore(database: database).create(label: label))
+        func validate() throws {
+            if router != nil, account == nil { throw ValidationError("--router needs --account KEY_FILE: the account signs the key's binding") }
+            if routerKey != nil, router == nil { throw ValidationError("--router-key only applies with --router") }
+            if let routerKey, (try? PublicKey(hex: routerKey)) == nil {
+                throw ValidationError("--router-key must be 64 hex digits of an Ed25519 public key")
+            }
+            guard label.utf8.count <= APIKeyStore.maxLabelBytes else { throw ValidationError("--label is at most \(APIKeyStore.maxLabelBytes) bytes") }
+            _ = try limit()
+        }
+
+        func limit() throws -> UInt64 {
+            guard let spendLimit else { return APIKeyBinding.unlimited }
+            do { return try Amount(parsing: spendLimit).baseUnits } catch {
+                throw ValidationError("--spend-limit: \(error.description)")
+            }
+        }
+
+        func run() async throws {
+            let owner = try account.map { try loadSigningKey($0, option: "--account") }
+            if let router, let owner {
+                let issued: APIKeyRequest.Issued
+                do {
+                    issued = try await APIKeyRequest.bind(routerURL: router, owner: owner, routerKey: try routerKey.map { try PublicKey(hex: $0) },
+                                                          spendLimitPerEpoch: try limit(), label: label)
+                } catch let error as APIKeyRequestError {
+                    throw CLIError("the router refused the key: \(error)")
+                }
+                FileHandle.standardError.write(Data("key \(issued.id) bound to account \(issued.account) at router \(issued.router.nodeID)\n".utf8))
+                return say(issued.secret)
+            }
+            let directory = absolute(dataDir)
+            let database = try RouterDatabase(path: RouterConfiguration(dataDirectory: directory).databasePath)
+            // The router's own key names the router in the binding (and signs it when no account is given).
+            let routerKey = try KeyFile.loadOrCreate(at: directory + "/node.key")
+            say(try APIKeyStore(database: database).create(label: label, router: routerKey.publicKey, signer: owner ?? routerKey,
+                                                           spendLimitPerEpoch: try limit()))
         }
     }
 }

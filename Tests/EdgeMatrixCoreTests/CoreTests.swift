@@ -8,9 +8,10 @@ struct ReceiptTests {
     let router = SigningKey()
 
     func body(node: SigningKey? = nil, router: SigningKey? = nil) -> ReceiptBody {
-        ReceiptBody(requestID: "req-1", nodeID: (node ?? self.node).nodeID, routerID: (router ?? self.router).nodeID, app: "llm",
-                    model: "smollm2-135m-instruct", requestHash: .of(Array("request".utf8)), responseHash: .of(Array("response".utf8)),
-                    units: WorkUnits(promptTokens: 12, completionTokens: 30), startedAtMillis: 1_000, endedAtMillis: 1_250, status: 200)
+        ReceiptBody(payer: Account(owner: self.router.publicKey), router: (router ?? self.router).publicKey, node: (node ?? self.node).publicKey,
+                    sequence: 1, attempt: 0, app: "llm", model: "smollm2-135m-instruct", prices: UnitPrices(perMillionPromptTokens: 7),
+                    units: WorkUnits(promptTokens: 12, completionTokens: 30), startedAtMillis: 1_000, endedAtMillis: 1_250,
+                    requestHash: .of(Array("request".utf8)), responseHash: .of(Array("response".utf8)), status: 200)
     }
 
     @Test("a receipt signed by the node and countersigned by the router verifies, from its exact bytes")

@@ -323,5 +323,36 @@ extension Integration {
             let after = try CLIRun.emc(["keys", "api", "list", "--data-dir", directory, "--json"])
             #expect(after.array.count == 2 && after.array.allSatisfy { $0["revoked"] as? Bool == true }, "\(after)")
         }
+
+        // Catches: an operator's key with no signed binding, or bound to some account other than the one named;
+        // a spend limit lost on the way; `--router` accepted without the account that must sign.
+        @Test("keys api new binds each key: to the router's own account by default, to --account with its --spend-limit")
+        func apiKeyBindings() throws {
+            let directory = Harness.temporaryDirectory("cli-bind")
+            let ownerFile = directory + "/owner.key"
+            let owner = SigningKey()
+            try KeyFile.write(owner, to: ownerFile)
+            let operatorKey = try CLIRun.emc(["keys", "api", "new", "--data-dir", directory, "--label", "ops"])
+            #expect(operatorKey.status == 0, "\(operatorKey)")
+            let bound = try CLIRun.emc(["keys", "api", "new", "--data-dir", directory, "--label", "user", "--account", ownerFile,
+                                        "--spend-limit", "12.5"])
+            #expect(bound.status == 0, "\(bound)")
+            let routerKey = try KeyFile.read(from: directory + "/node.key")
+            let list = try CLIRun.emc(["keys", "api", "list", "--data-dir", directory, "--json"])
+            let byLabel = Dictionary(uniqueKeysWithValues: list.array.map { ($0["label"] as? String ?? "", $0) })
+            #expect(byLabel["ops"]?["account"] as? String == Account(owner: routerKey.publicKey).description, "\(list)")
+            #expect(byLabel["ops"]?["spend_limit_per_epoch"] is NSNull, "\(list)")
+            #expect(byLabel["user"]?["account"] as? String == Account(owner: owner.publicKey).description, "\(list)")
+            #expect(byLabel["user"]?["spend_limit_per_epoch"] as? String == "12.50000000", "\(list)")
+            let store = APIKeyStore(database: try RouterDatabase(path: directory + "/router.sqlite"))
+            let secret = bound.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(try store.lookup(secret)?.account == Account(owner: owner.publicKey))
+            #expect(try store.lookup(secret)?.spendLimitPerEpoch == 1_250_000_000)
+            for arguments in [["--router", "http://127.0.0.1:1"], ["--spend-limit", "1.000000001"], ["--spend-limit", "-1"]] {
+                let refused = try CLIRun.emc(["keys", "api", "new", "--data-dir", directory] + arguments)
+                #expect(refused.status != 0, "\(arguments): \(refused)")
+            }
+            #expect(try store.list().count == 2)
+        }
     }
 }

@@ -11,13 +11,15 @@ import Testing
 @Suite("Durable receipt outbox")
 struct ReceiptOutboxFileTests {
     let nodeKey = SigningKey()
-    let routerA = SigningKey().nodeID
-    let routerB = SigningKey().nodeID
+    let routerA = SigningKey().publicKey
+    let routerB = SigningKey().publicKey
 
-    func receipt(_ requestID: String, router: NodeID? = nil) -> Receipt {
-        let body = ReceiptBody(requestID: requestID, nodeID: nodeKey.nodeID, routerID: router ?? routerA, app: "llm", model: "m",
-                               requestHash: Hash32.of(Array(requestID.utf8)), responseHash: Hash32.of([1]),
-                               units: WorkUnits(promptTokens: 3, completionTokens: 5), startedAtMillis: 1, endedAtMillis: 2, status: 200)
+    /// A receipt told apart from the others by its model name (`label`).
+    func receipt(_ label: String, router: PublicKey? = nil) -> Receipt {
+        let body = ReceiptBody(payer: Account(owner: nodeKey.publicKey), router: router ?? routerA, node: nodeKey.publicKey, sequence: 1,
+                               attempt: 0, app: "llm", model: label, prices: .free, units: WorkUnits(promptTokens: 3, completionTokens: 5),
+                               startedAtMillis: 1, endedAtMillis: 2, requestHash: Hash32.of(Array(label.utf8)), responseHash: Hash32.of([1]),
+                               status: 200)
         return Receipt(signing: body, with: nodeKey)
     }
 
@@ -40,11 +42,11 @@ struct ReceiptOutboxFileTests {
             #expect(await outbox.acknowledge(receipt("r3").id) != nil)
         }
         let reopened = try open(file)
-        #expect(await reopened.unacknowledged().map(\.body.requestID) == ["r0", "r2", "r4"])
+        #expect(await reopened.unacknowledged().map(\.body.model) == ["r0", "r2", "r4"])
         // Acknowledging after the restart is durable too.
         #expect(await reopened.acknowledge(receipt("r0").id) != nil)
         #expect(await reopened.acknowledge(receipt("r0").id) == nil)
-        #expect(try await open(file).unacknowledged().map(\.body.requestID) == ["r2", "r4"])
+        #expect(try await open(file).unacknowledged().map(\.body.model) == ["r2", "r4"])
     }
 
     // Bug caught: after a restart every stored receipt went to every router; a router refuses another router's
@@ -59,8 +61,8 @@ struct ReceiptOutboxFileTests {
             await outbox.add(receipt("a2", router: routerA))
         }
         let reopened = try open(file)
-        #expect(await reopened.unacknowledged(for: routerA).map(\.body.requestID) == ["a1", "a2"])
-        #expect(await reopened.unacknowledged(for: routerB).map(\.body.requestID) == ["b1"])
+        #expect(await reopened.unacknowledged(for: routerA.nodeID).map(\.body.model) == ["a1", "a2"])
+        #expect(await reopened.unacknowledged(for: routerB.nodeID).map(\.body.model) == ["b1"])
     }
 
     // Bug caught: the cap applied in memory only: receipts dropped to make room came back from the file after a
@@ -72,12 +74,12 @@ struct ReceiptOutboxFileTests {
             let outbox = try open(file, capacity: 3)
             for i in 0..<5 { await outbox.add(receipt("r\(i)")) }
             #expect(await outbox.count == 3)
-            #expect(await outbox.unacknowledged().map(\.body.requestID) == ["r2", "r3", "r4"])
+            #expect(await outbox.unacknowledged().map(\.body.model) == ["r2", "r3", "r4"])
         }
         #expect(try ReceiptOutboxStore(path: file).count() == 3)
-        #expect(try await open(file, capacity: 3).unacknowledged().map(\.body.requestID) == ["r2", "r3", "r4"])
+        #expect(try await open(file, capacity: 3).unacknowledged().map(\.body.model) == ["r2", "r3", "r4"])
         let smaller = try open(file, capacity: 2)
-        #expect(await smaller.unacknowledged().map(\.body.requestID) == ["r3", "r4"])
+        #expect(await smaller.unacknowledged().map(\.body.model) == ["r3", "r4"])
         #expect(try ReceiptOutboxStore(path: file).count() == 2)
     }
 
@@ -88,13 +90,13 @@ struct ReceiptOutboxFileTests {
         let outbox = ReceiptOutbox(capacity: 100)
         let receipts = (0..<5000).map { receipt("o\($0)") }
         for r in receipts { await outbox.add(r) }
-        #expect(await outbox.unacknowledged().map(\.body.requestID) == receipts.suffix(100).map(\.body.requestID))
-        for r in receipts.suffix(100) where !r.body.requestID.hasSuffix("7") { await outbox.acknowledge(r.id) }
+        #expect(await outbox.unacknowledged().map(\.body.model) == receipts.suffix(100).map(\.body.model))
+        for r in receipts.suffix(100) where !r.body.model.hasSuffix("7") { await outbox.acknowledge(r.id) }
         let more = (0..<3000).map { receipt("p\($0)") }
         for r in more { await outbox.add(r) }
         for r in more.prefix(2950) { await outbox.acknowledge(r.id) }
         #expect(await outbox.count == 50)
-        #expect(await outbox.unacknowledged().map(\.body.requestID) == more.suffix(50).map(\.body.requestID))
+        #expect(await outbox.unacknowledged().map(\.body.model) == more.suffix(50).map(\.body.model))
     }
 
     // Bug caught: group-committed writes from concurrent requests lost some of a batch (or deleted a receipt
@@ -112,9 +114,9 @@ struct ReceiptOutboxFileTests {
                 }
             }
         }
-        let expected = Set(receipts.enumerated().filter { !$0.offset.isMultiple(of: 2) }.map(\.element.body.requestID))
-        #expect(Set(await outbox.unacknowledged().map(\.body.requestID)) == expected)
-        #expect(Set(try ReceiptOutboxStore(path: file).load().map(\.body.requestID)) == expected)
+        let expected = Set(receipts.enumerated().filter { !$0.offset.isMultiple(of: 2) }.map(\.element.body.model))
+        #expect(Set(await outbox.unacknowledged().map(\.body.model)) == expected)
+        #expect(Set(try ReceiptOutboxStore(path: file).load().map(\.body.model)) == expected)
     }
 
     // Bug caught: a damaged outbox row was silently skipped (a receipt lost) or sent on as garbage.
@@ -129,6 +131,70 @@ struct ReceiptOutboxFileTests {
         try await queue.write { db in try db.execute(sql: "UPDATE outbox_receipt SET body = x'00'") }
         try queue.close()
         #expect(throws: StoreError.self) { try open(file) }
+    }
+
+    // Bug caught: a node upgraded to receipt v2 refused to start on an outbox holding v1 receipts (a "corrupt row"),
+    // or re-sent receipts no router reads, and was dropped as misbehaving for each.
+    @Test("version 1 receipts left in an outbox are dropped, with a log line, when the outbox is opened")
+    func oldVersionsDropped() async throws {
+        let file = path()
+        do {
+            let outbox = try open(file)
+            await outbox.add(receipt("v2"))
+        }
+        let queue = try DatabaseQueue(path: file)
+        try await queue.write { db in
+            try db.execute(sql: "INSERT INTO outbox_receipt (receipt_id, router_id, body, node_signature) VALUES ('old', 'r', x'0100', x'00')")
+        }
+        try queue.close()
+        let logged = LogLines()
+        let outbox = try ReceiptOutbox(path: file, logger: Logger(label: "test") { _ in logged })
+        #expect(await outbox.unacknowledged().map(\.body.model) == ["v2"])
+        #expect(logged.lines.contains { $0.contains("older receipt version") })
+        #expect(try ReceiptOutboxStore(path: file).count() == 1)
+    }
+}
+
+/// The router's SQLite file as an older router left it: migrated, never misread.
+@Suite("Router database migration")
+struct RouterDatabaseMigrationTests {
+    // Bug caught: keys made before bindings stopped working after the upgrade, or were billed to nobody.
+    @Test("a key from before bindings still works and bills the router's own account (no binding, no limit)")
+    func legacyKeys() async throws {
+        let file = Harness.temporaryDirectory("router-db") + "/router.sqlite"
+        let legacy = "emc-sk-" + String(repeating: "ab", count: 24)
+        let queue = try DatabaseQueue(path: file)
+        try await queue.write { db in
+            // The schema and rows of a router before receipt v2 (GRDB's own record of the migrations it ran).
+            try db.execute(sql: """
+                CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY);
+                INSERT INTO grdb_migrations VALUES ('v1'), ('v2-assignments');
+                CREATE TABLE api_key (key_hash TEXT PRIMARY KEY, label TEXT NOT NULL, created_at INTEGER NOT NULL,
+                    revoked BOOLEAN NOT NULL DEFAULT 0);
+                CREATE TABLE receipt (seq INTEGER PRIMARY KEY AUTOINCREMENT, receipt_id TEXT NOT NULL UNIQUE ON CONFLICT IGNORE,
+                    request_id TEXT NOT NULL, node_id TEXT NOT NULL, app TEXT NOT NULL, model TEXT NOT NULL,
+                    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, items INTEGER NOT NULL,
+                    started_at_ms INTEGER NOT NULL, ended_at_ms INTEGER NOT NULL, body BLOB NOT NULL, node_signature BLOB NOT NULL,
+                    router_signature BLOB NOT NULL, stored_at_ms INTEGER NOT NULL);
+                CREATE TABLE assignment (request_id TEXT NOT NULL, node_id TEXT NOT NULL, request_hash BLOB NOT NULL,
+                    assigned_at_ms INTEGER NOT NULL, receipt_id TEXT, PRIMARY KEY (request_id, node_id));
+                INSERT INTO receipt (receipt_id, request_id, node_id, app, model, prompt_tokens, completion_tokens, items, started_at_ms,
+                    ended_at_ms, body, node_signature, router_signature, stored_at_ms) VALUES ('x', 'req-1', 'n', 'llm', 'm', 1, 1, 0, 1, 2,
+                    x'01', x'00', x'00', 3);
+                """)
+            try db.execute(sql: "INSERT INTO api_key (key_hash, label, created_at) VALUES (?, 'old', 1)",
+                           arguments: [APIKeyBinding.hash(ofSecret: legacy).hex])
+        }
+        try queue.close()
+        let database = try RouterDatabase(path: file)
+        let key = try #require(try APIKeyStore(database: database).lookup(legacy))
+        #expect(key.account == nil)
+        #expect(key.spendLimitPerEpoch == APIKeyBinding.unlimited)
+        #expect(try APIKeyStore(database: database).list().map(\.label) == ["old"])
+        // Version 1 receipts are set aside, not decoded as v2 (which would fail every listing).
+        let store = ReceiptStore(database: database)
+        #expect(try await store.list().isEmpty)
+        #expect(try await store.accept(keyHash: key.keyHash, payer: Account(owner: SigningKey().publicKey)) == 1)
     }
 }
 
@@ -186,7 +252,7 @@ struct DurableOutboxTests {
         let unacknowledged = signed.subtracting(acknowledged)
         #expect(acknowledged.count >= 2)
         #expect(unacknowledged.count >= 3, "receipts must really be unacknowledged at the kill")
-        #expect(Set(try ReceiptOutboxStore(path: directory + "/outbox.sqlite").load().map(\.body.requestID)) == unacknowledged,
+        #expect(Set(try ReceiptOutboxStore(path: directory + "/outbox.sqlite").load().map { String($0.body.sequence) }) == unacknowledged,
                 "the node's outbox file must hold exactly the receipts not acknowledged")
 
         // The node restarts on the same data dir while the router is still frozen, then the router resumes.
@@ -220,4 +286,24 @@ struct DurableOutboxTests {
         #expect(after.status == 200)
     }
 }
+}
+
+/// A log handler that keeps the messages it is given (to check what a component logged).
+final class LogLines: LogHandler, @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: [String] = []
+    var metadata: Logger.Metadata = [:]
+    var logLevel: Logger.Level = .trace
+
+    var lines: [String] { lock.withLock { stored } }
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String,
+             function: String, line: UInt) {
+        lock.withLock { stored.append(message.description) }
+    }
 }

@@ -271,6 +271,26 @@ actor RegistryChain {
         }
     }
 
+    /// Registers `prices` for a node that `enroll` registered (its owner, the funded account, signs).
+    func setPrices(_ nodeKey: PublicKey, _ prices: PriceList) async throws {
+        try await serialized { client, funded in
+            try await NodeEnrollment(client: client, owner: funded).ensurePrices(node: nodeKey, prices: prices)
+        }
+    }
+
+    /// Gives `payer` `amount` EMC (plus fees) from the funded account and opens an escrow of `amount` with `router`.
+    func fundEscrow(_ payer: SigningKey, router: PublicKey, amount: Amount) async throws {
+        try await serialized { client, funded in
+            let tx = Transaction(signing: TransactionBody(chainID: try await client.chainID(), createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
+                                                          kind: .transfer(Transfer(to: Account(owner: payer.publicKey),
+                                                                                   amount: Amount(baseUnits: amount.baseUnits + 100_000_000)))),
+                                 with: funded)
+            let result = try await client.waitForCommit(hash: try await client.submit(tx))
+            guard result["status"] as? String == "committed" else { throw HarnessError.processFailed("fund payer: \(result)") }
+            try await NodeEnrollment(client: client, owner: payer).ensureEscrow(router: router, amount: amount)
+        }
+    }
+
     /// The key file of the chain's funded account (owner of every node `enroll` registers).
     func fundedKeyPath() async throws -> String {
         _ = try await url()

@@ -12,7 +12,7 @@ import Testing
 struct RawFrame: Sendable {
     var bytes: [UInt8]
     init(_ bytes: [UInt8]) { self.bytes = bytes }
-    init(_ message: some CanonicalEncodable) { bytes = message.canonicalBytes }
+    init(_ message: some ProtobufWireMessage) { bytes = (try? message.protobufBytes()) ?? [] }
 }
 
 struct RawSerializer: MessageSerializer {
@@ -74,7 +74,7 @@ final class HostileSession: Sendable {
         do {
             try await client.bidirectionalStreaming(
                 request: StreamingClientRequest<RawFrame> { writer in for await frame in outbound { try await writer.write(frame) } },
-                descriptor: TunnelService.work, serializer: RawSerializer(), deserializer: CanonicalDeserializer<RouterWorkMessage>(),
+                descriptor: TunnelService.work, serializer: RawSerializer(), deserializer: ProtobufWireDeserializer<RouterWorkMessage>(),
                 options: options
             ) { response in
                 for try await message in response.messages {
@@ -101,10 +101,12 @@ final class HostileSession: Sendable {
     /// A receipt as an honest node would sign it for `request`, answered with `answer`, with `edit` applied.
     func receipt(for request: WorkRequest, answer: [UInt8], edit: (inout ReceiptBody) -> Void = { _ in }) -> Receipt {
         let now = UInt64(Date().timeIntervalSince1970 * 1000)
-        var body = ReceiptBody(requestID: request.requestID, nodeID: key.nodeID, routerID: routerKey.nodeID, app: request.app,
-                               model: request.model, requestHash: Hash32.of(request.canonicalBytes), responseHash: Hash32.of(answer),
-                               units: WorkUnits(promptTokens: 3, completionTokens: 5), startedAtMillis: now - 5,
-                               endedAtMillis: now, status: 200)
+        var body = ReceiptBody(payer: request.payer, router: routerKey, node: key.publicKey, sequence: request.sequence,
+                               attempt: request.attempt, app: request.app, model: request.model, prices: request.prices,
+                               units: WorkUnits(promptTokens: 3, completionTokens: 5), startedAtMillis: now - 5, endedAtMillis: now,
+                               requestHash: ReceiptBody.requestHash(method: request.method, path: request.path, contentType: request.contentType,
+                                                                    stream: request.stream, body: request.body),
+                               responseHash: Hash32.of(answer), status: 200)
         edit(&body)
         return Receipt(signing: body, with: key)
     }
@@ -140,7 +142,7 @@ enum HostileNode {
                     try await client.bidirectionalStreaming(
                         request: StreamingClientRequest<RawFrame> { writer in for await frame in outbound { try await writer.write(frame) } },
                         descriptor: TunnelService.control, serializer: RawSerializer(),
-                        deserializer: CanonicalDeserializer<RouterControlMessage>(), options: .defaults
+                        deserializer: ProtobufWireDeserializer<RouterControlMessage>(), options: .defaults
                     ) { response in
                         for try await message in response.messages {
                             switch message {
@@ -258,14 +260,20 @@ struct HostileComputeNodeTests {
             ("start time above Int64.max", "receipt_out_of_range", { $0.startedAtMillis = .max; $0.endedAtMillis = .max }),
             ("end before start", "receipt_out_of_range", { $0.endedAtMillis = $0.startedAtMillis - 1 }),
             ("receipt status 1000", "receipt_out_of_range", { $0.status = 1000 }),
-            ("1 MiB request id", "receipt_out_of_range", { $0.requestID = String(repeating: "r", count: 1 << 20) }),
-            ("receipt for another request", "foreign_receipt", { $0.requestID = "req-someone-else" }),
+            ("1 MiB model name", "malformed_receipt", { $0.model = String(repeating: "r", count: 1 << 20) }),
+            ("sequence above Int64.max", "receipt_out_of_range", { $0.sequence = .max }),
+            ("receipt for another request", "foreign_receipt", { $0.sequence += 1 }),
+            ("receipt for another attempt", "foreign_receipt", { $0.attempt += 1 }),
+            // Bug caught: the router countersigned receipts billing another account, or at other prices, than assigned.
+            ("receipt billing another account", "payer_mismatch", { $0.payer = Account(owner: SigningKey().publicKey) }),
+            ("receipt at higher prices", "prices_mismatch", { $0.prices.perMillionCompletionTokens += 1_000_000 }),
+            ("receipt for another model", "assignment_mismatch", { $0.model = "cheaper-model" }),
             ("receipt over other request bytes", "request_hash_mismatch", { $0.requestHash = Hash32.of([1, 2, 3]) }),
             ("receipt over other response bytes", "receipt_mismatch", { $0.responseHash = Hash32.of([4, 5, 6]) }),
             ("5000 completion tokens for a 42-byte answer", "units_above_relayed_bound", { $0.units.completionTokens = 5_000 }),
             ("a million prompt tokens for a short request", "units_above_relayed_bound", { $0.units.promptTokens = 1_000_000 }),
-            ("receipt naming another node", "bad_receipt_signature", { $0.nodeID = SigningKey().nodeID }),
-            ("receipt for another router", "bad_receipt_signature", { $0.routerID = SigningKey().nodeID }),
+            ("receipt naming another node", "bad_receipt_signature", { $0.node = SigningKey().publicKey }),
+            ("receipt for another router", "bad_receipt_signature", { $0.router = SigningKey().publicKey }),
         ]
         for (name, kind, edit) in receiptCases {
             cases.append(WorkCase(name: name, clientStatus: 200, clientCode: nil, kind: kind) { session, request in
@@ -339,8 +347,9 @@ struct HostileComputeNodeTests {
 
         // Bug caught: the router countersigned any well-signed receipt, for requests it never assigned.
         try await HostileNode.session(network: network, model: "hostile-unassigned") { session in
-            let request = WorkRequest(requestID: "req-never-assigned", app: "hostile", model: "hostile-unassigned", method: "POST",
-                                      path: "/v1/chat/completions", contentType: "application/json", body: [], stream: false)
+            let request = WorkRequest(requestID: "never-assigned", app: "hostile", model: "hostile-unassigned", method: "POST",
+                                      path: "/v1/chat/completions", contentType: "application/json", body: [], stream: false,
+                                      sequence: 1_000_000, attempt: 0, payer: Account(owner: network.routerKey.publicKey), prices: .free)
             let forged = session.receipt(for: request, answer: [1])
             session.sendControl(RawFrame(NodeControlMessage.receipt(bodyBytes: forged.bodyBytes, nodeSignature: forged.nodeSignature)))
             #expect(await session.wait { $0.closed != nil })
@@ -359,7 +368,7 @@ struct HostileComputeNodeTests {
             let request = try #require(outcome.request)
             #expect(outcome.acks.count == 1)
             // The same receipt again (as after a lost acknowledgement): acknowledged, still stored once.
-            let original = try #require(try await ReceiptFile(path: database).receipts().first { $0.body.requestID == request.requestID })
+            let original = try #require(try await ReceiptFile(path: database).receipts().first { $0.body.sequence == request.sequence })
             session.sendControl(RawFrame(NodeControlMessage.receipt(bodyBytes: original.bodyBytes, nodeSignature: original.nodeSignature)))
             #expect(await session.wait { $0.acks.contains(original.id) })
             // A second, different receipt for the same request: refused, and the node is dropped.
@@ -369,7 +378,7 @@ struct HostileComputeNodeTests {
             session.sendControl(RawFrame(NodeControlMessage.receipt(bodyBytes: inflated.bodyBytes, nodeSignature: inflated.nodeSignature)))
             #expect(await session.wait { $0.closed != nil })
             #expect(!session.snapshot.acks.contains(inflated.id))
-            let stored = try await ReceiptFile(path: database).receipts().filter { $0.body.requestID == request.requestID }
+            let stored = try await ReceiptFile(path: database).receipts().filter { $0.body.sequence == request.sequence }
             #expect(stored.count == 1)
             #expect(stored.first?.body.units.completionTokens == 5)
         }
@@ -449,7 +458,7 @@ struct HostileComputeNodeTests {
             await #expect(throws: RPCError.self) {
                 try await client.bidirectionalStreaming(
                     request: silence, descriptor: TunnelService.control, serializer: RawSerializer(),
-                    deserializer: CanonicalDeserializer<RouterControlMessage>(), options: .defaults
+                    deserializer: ProtobufWireDeserializer<RouterControlMessage>(), options: .defaults
                 ) { response in
                     for try await _ in response.messages {}
                 }

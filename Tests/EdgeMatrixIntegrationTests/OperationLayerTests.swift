@@ -76,8 +76,11 @@ struct OperationLayerTests {
             try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").requestIDs().contains(requestID)
         }
         let stored = try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").receipts()
-        let receipt = try #require(stored.first { $0.body.requestID == requestID })
+        let receipt = try #require(stored.first { String($0.body.sequence) == requestID })
         #expect(receipt.body.app == "embeddings")
+        // The operator's key (made with `emc keys api new --data-dir`) is bound to the router's own account.
+        #expect(receipt.body.payer == Account(owner: network.routerKey.publicKey))
+        #expect(receipt.body.attempt == 0)
         #expect(receipt.body.units.items == 2)
         #expect(receipt.body.responseHash == Hash32.of(routed.body))
         let nodeKey = try #require(network.nodeKeys().first { $0.nodeID == receipt.body.nodeID })
@@ -173,6 +176,131 @@ struct OperationLayerTests {
         #expect(ContinuousClock.now - revokedAt < .milliseconds(1500))
     }
 
+    // Bugs caught: a router that charged the router's (or anyone's) account for a key an account bound; answers
+    // without x-emc-request-id, or with one that is not the receipt's sequence number; a router storing a binding
+    // signed by another key, naming another router, or malformed.
+    @Test("a key bound remotely by an account (emc keys api new --router) bills that account; every answer names its sequence")
+    func boundKeysAndRequestIDs() async throws {
+        let network = try await TestNetwork(name: "bound-keys")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try await network.startComputeNode()
+        try await network.waitForNodes(1)
+        let routerURL = "http://127.0.0.1:\(network.httpPort)"
+        let keys = { try CLIRun.emc(["keys", "api", "list", "--data-dir", network.routerDirectory, "--json"]).array }
+        let before = try keys().count
+
+        // Refused bindings store nothing: signed by another key, naming another router, malformed.
+        let owner = SigningKey()
+        let ownerFile = network.root + "/owner.key"
+        try KeyFile.write(owner, to: ownerFile)
+        func post(_ object: [String: Any]) async throws -> Harness.HTTPResult {
+            try await Harness.request(.POST, routerURL + "/v1/keys", body: Harness.json(object), timeout: .seconds(10))
+        }
+        func binding(router: PublicKey) -> APIKeyBinding {
+            APIKeyBinding(router: router, account: Account(owner: owner.publicKey), keyHash: APIKeyBinding.hash(ofSecret: APIKeyBinding.newSecret()),
+                          spendLimitPerEpoch: 1, createdAtMillis: 1)
+        }
+        let forged = SignedAPIKeyBinding(signing: binding(router: network.routerKey.publicKey), with: SigningKey())
+        let elsewhere = SignedAPIKeyBinding(signing: binding(router: SigningKey().publicKey), with: owner)
+        let cases: [(String, [String: Any])] = [
+            ("bad_signature", ["binding": Hex.encode(forged.bytes), "signature": Hex.encode(forged.signature)]),
+            ("wrong_router", ["binding": Hex.encode(elsewhere.bytes), "signature": Hex.encode(elsewhere.signature)]),
+            ("invalid_binding", ["binding": Hex.encode(forged.bytes.dropLast()), "signature": Hex.encode(forged.signature)]),
+            ("invalid_binding", ["binding": "zz", "signature": Hex.encode(forged.signature)]),
+            ("invalid_binding", ["binding": 12, "signature": "00"]),
+            ("missing_parameter", ["binding": Hex.encode(forged.bytes)]),
+        ]
+        for (code, object) in cases {
+            let refused = try await post(object)
+            #expect(refused.status == 400, "\(code): \(refused.text)")
+            #expect((refused.json?["error"] as? [String: Any])?["code"] as? String == code, "\(refused.text)")
+        }
+        let notJSON = try await Harness.request(.POST, routerURL + "/v1/keys", body: Array("binding=1".utf8))
+        #expect(notJSON.status == 400)
+        #expect(try keys().count == before, "a refused binding was stored")
+
+        // The account binds a key remotely, through the CLI; the router stores the hash, never the secret.
+        let run = try CLIRun.emc(["keys", "api", "new", "--account", ownerFile, "--router", network.baseURL, "--spend-limit", "2.5",
+                                  "--label", "remote"])
+        #expect(run.status == 0, "\(run)")
+        let secret = run.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(secret.hasPrefix("emc-sk-"))
+        let listed = try keys()
+        let entry = try #require(listed.first { $0["label"] as? String == "remote" })
+        #expect(entry["account"] as? String == Account(owner: owner.publicKey).description)
+        #expect(entry["spend_limit_per_epoch"] as? String == "2.50000000")
+        #expect(!String(describing: listed).contains(secret))
+        // The same signed binding again changes nothing.
+        let replay = SignedAPIKeyBinding(signing: binding(router: network.routerKey.publicKey), with: owner)
+        let replayBody: [String: Any] = ["binding": Hex.encode(replay.bytes), "signature": Hex.encode(replay.signature)]
+        #expect(try await post(replayBody).status == 201)
+        #expect(try await post(replayBody).status == 409)
+
+        // The router charges an account only from its escrow with this router on chain: none yet, so 402
+        // insufficient_quota and no sequence number; once the escrow is open (and the router has read the block that
+        // opened it), the same key is served.
+        try await RegistryChain.shared.enrollRouter(network.routerKey, tunnelAddress: "127.0.0.1:\(network.tunnelPort)")
+        let noEscrow = try await Harness.request(.POST, network.baseURL + "/embeddings", key: secret,
+                                                 body: Harness.json(["model": embeddingModel, "input": "no escrow"]))
+        #expect(noEscrow.status == 402, "\(noEscrow.text)")
+        #expect((noEscrow.json?["error"] as? [String: Any])?["code"] as? String == "insufficient_quota", "\(noEscrow.text)")
+        #expect(noEscrow.header("x-emc-request-id") == nil)
+        try await RegistryChain.shared.fundEscrow(owner, router: network.routerKey.publicKey, amount: Amount(emc: 5))
+        try await Harness.eventually(timeout: .seconds(15), "the router reading the new escrow") {
+            try await Harness.request(.POST, network.baseURL + "/embeddings", key: secret,
+                                      body: Harness.json(["model": embeddingModel, "input": "escrow open"])).status == 200
+        }
+
+        // Every answer on a work route names its sequence number: success, stream, and errors after acceptance.
+        var sequences = [UInt64]()
+        let embedded = try await Harness.request(.POST, network.baseURL + "/embeddings", key: secret,
+                                                 body: Harness.json(["model": embeddingModel, "input": "bound"]))
+        #expect(embedded.status == 200)
+        let streamed = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: secret, body: chatBody("hi", maxTokens: 4, stream: true))
+        #expect(streamed.status == 200)
+        #expect(streamed.text.contains("data: "))
+        let unknown = try await Harness.request(.POST, network.baseURL + "/chat/completions", key: secret,
+                                                body: Harness.json(["model": "gpt-17", "messages": [["role": "user", "content": "x"]]]))
+        #expect(unknown.status == 404)
+        let malformed = try await Harness.request(.POST, network.baseURL + "/embeddings", key: secret, body: Array("{".utf8))
+        #expect(malformed.status == 400)
+        for answer in [embedded, streamed, unknown, malformed] {
+            let header = try #require(answer.header("x-emc-request-id"), "no x-emc-request-id on \(answer.status): \(answer.text.prefix(200))")
+            sequences.append(try #require(UInt64(header)))
+        }
+        // Contiguous: each accepted request took the next number.
+        #expect(sequences == Array(sequences[0]...(sequences[0] + 3)), "\(sequences)")
+        // No sequence for a request that was never accepted.
+        let unauthenticated = try await Harness.request(.POST, network.baseURL + "/embeddings", key: "emc-sk-nope", body: Array("{}".utf8))
+        #expect(unauthenticated.status == 401)
+        #expect(unauthenticated.header("x-emc-request-id") == nil)
+
+        // The receipts of the served requests carry the binding's account and the answer's sequence.
+        let database = network.routerDirectory + "/router.sqlite"
+        try await Harness.eventually(timeout: .seconds(10), "receipts for the bound key's requests") {
+            Set(try await ReceiptFile(path: database).requestIDs()).isSuperset(of: [String(sequences[0]), String(sequences[1])])
+        }
+        let receipts = try await ReceiptFile(path: database).receipts().filter { sequences.prefix(2).contains($0.body.sequence) }
+        #expect(receipts.count == 2)
+        for receipt in receipts {
+            #expect(receipt.body.payer == Account(owner: owner.publicKey))
+            #expect(throws: Never.self) { try receipt.verify() }
+        }
+        #expect(receipts.first { $0.body.sequence == sequences[0] }?.body.responseHash == Hash32.of(embedded.body))
+        #expect(try await network.misbehaviourCounts().isEmpty, "\(network.logs)")
+
+        // A key whose spend limit is used up gets 402 insufficient_quota in OpenAI's shape (not 429, which clients
+        // retry), and no sequence number: nothing was accepted.
+        let broke = try CLIRun.emc(["keys", "api", "new", "--data-dir", network.routerDirectory, "--account", ownerFile, "--spend-limit", "0"])
+        #expect(broke.status == 0, "\(broke)")
+        let refused = try await Harness.request(.POST, network.baseURL + "/embeddings", key: broke.stdout.trimmingCharacters(in: .whitespacesAndNewlines),
+                                                body: Harness.json(["model": embeddingModel, "input": "no budget"]))
+        #expect(refused.status == 402, "\(refused.text)")
+        #expect((refused.json?["error"] as? [String: Any])?["code"] as? String == "insufficient_quota", "\(refused.text)")
+        #expect(refused.header("x-emc-request-id") == nil)
+    }
+
     @Test("killing a compute node mid-load: requests that had not started answering fail over; later requests succeed")
     func failover() async throws {
         let network = try await TestNetwork(name: "failover")
@@ -215,6 +343,12 @@ struct OperationLayerTests {
         let failovers = metrics.text.split(separator: "\n").first { $0.hasPrefix("emc_router_failovers_total ") }
             .flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
         #expect(failovers >= 1, "\(metrics.text)")
+        // A failed-over request is receipted by the node that served it, as a later attempt of the same sequence.
+        try await Harness.eventually(timeout: .seconds(10), "a receipt of a failed-over attempt") {
+            try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").receipts().contains { $0.body.attempt >= 1 }
+        }
+        let keys = try await ReceiptFile(path: network.routerDirectory + "/router.sqlite").receipts().map { "\($0.body.sequence).\($0.body.attempt)" }
+        #expect(keys.count == Set(keys).count, "two receipts for one (sequence, attempt)")
     }
 
     @Test("a compute node dying mid-stream ends the SSE stream with a clear error event")
@@ -380,7 +514,7 @@ struct OperationLayerTests {
 
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.python)
-        process.arguments = [Harness.packageRoot + "/Tests/python/openai_client_check.py"]
+        process.arguments = [Harness.packageRoot + "/Tests/python/openai_client_check.py", "--check-request-ids"]
         process.environment = ProcessInfo.processInfo.environment.merging(
             ["OPENAI_BASE_URL": network.baseURL, "OPENAI_API_KEY": network.apiKey]) { $1 }
         let pipe = Pipe()
@@ -396,6 +530,11 @@ struct OperationLayerTests {
 }
 
 extension TestProcess {
+    /// How many log lines carry `message` (sequence numbers are per router, so with two routers ids repeat).
+    func count(logged message: String) -> Int {
+        log.split(separator: "\n").filter { $0.contains(message) }.count
+    }
+
     /// Request ids on this process's log lines that carry `message` (swift-log prints metadata as `request=...`).
     func requestIDs(logged message: String) -> Set<String> {
         Set(log.split(separator: "\n").filter { $0.contains(message) }.compactMap { line -> String? in
@@ -420,5 +559,6 @@ struct ReceiptFile {
 
     func receipts() async throws -> [Receipt] { try await store.list(limit: 100_000).map(\.receipt) }
 
-    func requestIDs() async throws -> [String] { try await receipts().map(\.body.requestID) }
+    /// The router sequence numbers of the stored receipts, as text (what `x-emc-request-id` and the node's logs show).
+    func requestIDs() async throws -> [String] { try await receipts().map { String($0.body.sequence) } }
 }

