@@ -403,9 +403,14 @@ public actor ReceiptStore {
     }
 
     private static func unsettled(payer: Account, in db: Database) throws -> UInt64 {
-        guard let text = try String.fetchOne(db, sql: "SELECT amount FROM payer_unsettled WHERE payer = ?",
-                                             arguments: [Data(payer.canonicalBytes)]) else { return 0 }
-        guard let value = UInt64(text) else { throw StoreError.corruptRow("payer_unsettled of \(payer): '\(text.prefix(40))'") }
+        try amount(db, sql: "SELECT amount FROM payer_unsettled WHERE payer = ?", arguments: [Data(payer.canonicalBytes)],
+                   row: "payer_unsettled of \(payer)")
+    }
+
+    /// A stored u64 amount (kept as decimal text: SQLite integers are signed), 0 when there is no row.
+    private static func amount(_ db: Database, sql: String, arguments: StatementArguments, row: @autoclosure () -> String) throws -> UInt64 {
+        guard let text = try String.fetchOne(db, sql: sql, arguments: arguments) else { return 0 }
+        guard let value = UInt64(text) else { throw StoreError.corruptRow("\(row()): '\(text.prefix(40))'") }
         return value
     }
 
@@ -416,10 +421,8 @@ public actor ReceiptStore {
 
     private static func spent(keyHash: Hash32, epoch: UInt64, in db: Database) throws -> UInt64 {
         guard let epoch = Int64(exactly: epoch) else { return 0 }
-        guard let text = try String.fetchOne(db, sql: "SELECT spent FROM key_spend WHERE key_hash = ? AND epoch = ?",
-                                             arguments: [keyHash.hex, epoch]) else { return 0 }
-        guard let value = UInt64(text) else { throw StoreError.corruptRow("key_spend of \(keyHash.hex.prefix(16)): '\(text.prefix(40))'") }
-        return value
+        return try amount(db, sql: "SELECT spent FROM key_spend WHERE key_hash = ? AND epoch = ?", arguments: [keyHash.hex, epoch],
+                          row: "key_spend of \(keyHash.hex.prefix(16))")
     }
 
     /// Records, durably, that the request was handed to the node on these terms; the node may then be paid once.
