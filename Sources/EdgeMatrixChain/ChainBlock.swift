@@ -39,12 +39,6 @@ func errorCode(_ error: LedgerError) -> String {
     }
 }
 
-func wallClockMillis() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_REALTIME, &ts)
-    // A clock set before 1970 reads as 0 rather than trapping.
-    return UInt64(clamping: ts.tv_sec) * 1000 + UInt64(clamping: ts.tv_nsec) / 1_000_000
-}
 
 #if canImport(Glibc)
 import Glibc

@@ -125,7 +125,7 @@ public final class ComputeNode: Service, WorkServer {
         }
         inFlightCount.add(1, ordering: .relaxed)
         defer { inFlightCount.subtract(1, ordering: .relaxed) }
-        let started = Self.nowMillis()
+        let started = wallClockMillis()
         let requestHash = ReceiptBody.requestHash(method: work.method, path: work.path, contentType: work.contentType,
                                                   stream: work.stream, body: work.body)
         let answer: LocalAnswer
@@ -165,7 +165,7 @@ public final class ComputeNode: Service, WorkServer {
                                        requestBytes: UInt64(work.body.count), responseBytes: relayedBytes)
         let body = ReceiptBody(payer: work.payer, router: router, node: key.publicKey, sequence: work.sequence, attempt: work.attempt,
                                app: work.app, model: work.model, prices: work.prices, units: units, startedAtMillis: started,
-                               endedAtMillis: Self.nowMillis(), requestHash: requestHash, responseHash: hasher.finalize(),
+                               endedAtMillis: wallClockMillis(), requestHash: requestHash, responseHash: hasher.finalize(),
                                status: answer.status)
         let receipt = Receipt(signing: body, with: key)
         Counter(label: "emc_compute_requests_total", dimensions: [("app", work.app), ("outcome", "ok")]).increment()
@@ -173,5 +173,4 @@ public final class ComputeNode: Service, WorkServer {
     }
 
     /// A clock set before 1970 reads as 0 rather than trapping.
-    static func nowMillis() -> UInt64 { UInt64(max(0, Date().timeIntervalSince1970) * 1000) }
 }

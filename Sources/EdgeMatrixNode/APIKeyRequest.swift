@@ -43,7 +43,7 @@ public enum APIKeyRequest {
         let secret = APIKeyBinding.newSecret()
         let binding = APIKeyBinding(router: router, account: Account(owner: owner.publicKey), keyHash: APIKeyBinding.hash(ofSecret: secret),
                                     spendLimitPerEpoch: spendLimitPerEpoch,
-                                    createdAtMillis: UInt64(max(0, Date().timeIntervalSince1970) * 1000))
+                                    createdAtMillis: wallClockMillis())
         let signed = SignedAPIKeyBinding(signing: binding, with: owner)
         var request = HTTPClientRequest(url: base + "/v1/keys")
         request.method = .POST

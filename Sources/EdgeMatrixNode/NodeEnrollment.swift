@@ -112,7 +112,7 @@ public struct NodeEnrollment: Sendable {
     }
 
     private func commit(_ kind: TransactionKind, chainID: String, what: String) async throws {
-        let tx = Transaction(signing: TransactionBody(chainID: chainID, createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
+        let tx = Transaction(signing: TransactionBody(chainID: chainID, createdAtMillis: wallClockMillis(),
                                                       kind: kind), with: owner)
         let result = try await client.waitForCommit(hash: try await client.submit(tx))
         guard result["status"] as? String == "committed" else {

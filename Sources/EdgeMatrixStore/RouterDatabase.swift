@@ -210,7 +210,7 @@ public struct APIKeyStore: Sendable {
     public func create(label: String, router: PublicKey, signer: SigningKey, spendLimitPerEpoch: UInt64 = APIKeyBinding.unlimited) throws -> String {
         let secret = APIKeyBinding.newSecret()
         let binding = APIKeyBinding(router: router, account: Account(owner: signer.publicKey), keyHash: APIKeyBinding.hash(ofSecret: secret),
-                                    spendLimitPerEpoch: spendLimitPerEpoch, createdAtMillis: Self.nowMillis())
+                                    spendLimitPerEpoch: spendLimitPerEpoch, createdAtMillis: wallClockMillis())
         switch try bind(SignedAPIKeyBinding(signing: binding, with: signer), label: label) {
         case .stored: return secret
         case let refused: throw StoreError.outOfRange("API key not stored: \(refused.rawValue)")
@@ -265,7 +265,6 @@ public struct APIKeyStore: Sendable {
         return (account, limit)
     }
 
-    static func nowMillis() -> UInt64 { UInt64(max(0, Date().timeIntervalSince1970) * 1000) }
 }
 
 // MARK: - Receipts
@@ -459,7 +458,7 @@ public actor ReceiptStore {
         while !pending.isEmpty {
             let batch = pending
             pending.removeAll()
-            let now = Int64(APIKeyStore.nowMillis())
+            let now = Int64(clamping: wallClockMillis())
             do {
                 let outcomes = try await database.pool.write { db in
                     try batch.map { operation, _ -> Result<Answer, StoreError> in

@@ -83,10 +83,6 @@ func parseAmountArgument(_ text: String, option: String) throws -> Amount {
     return value
 }
 
-/// The current time in milliseconds since 1970 (a transaction's created_at_time).
-func nowMillis() -> UInt64 {
-    UInt64(exactly: (Date().timeIntervalSince1970 * 1000).rounded(.down)) ?? 0
-}
 
 /// A 64-hex-digit transaction hash, checked before it goes into a URL.
 func checkedHash(_ text: String) throws -> String {
@@ -188,7 +184,7 @@ struct TxOptions: ParsableArguments {
     func submit(_ makeKind: (_ chainID: String) throws -> TransactionKind, signer: SigningKey, client: ChainClient,
                 extra: (([String: Any]) async throws -> [String: Any])? = nil) async throws -> [String: Any]? {
         let chainID = try await client.chainID()
-        let body = TransactionBody(chainID: chainID, createdAtMillis: nowMillis(), kind: try makeKind(chainID))
+        let body = TransactionBody(chainID: chainID, createdAtMillis: wallClockMillis(), kind: try makeKind(chainID))
         let tx = Transaction(signing: body, with: signer)
         let hash = try await client.submit(tx)
         if noWait {
