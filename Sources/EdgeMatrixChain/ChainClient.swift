@@ -84,43 +84,33 @@ public struct ChainClient: Sendable {
     }
 
     /// `GET /nodes`: every registered node (retired ones too), as the API returns them.
-    public func nodes() async throws -> [[String: Any]] {
-        guard let nodes = try await get("/nodes")["nodes"] as? [[String: Any]] else {
-            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /nodes did not return a `nodes` array")
-        }
-        return nodes
-    }
+    public func nodes() async throws -> [[String: Any]] { try await field("nodes", of: "/nodes", as: "a `nodes` array") }
 
     /// `GET /stakes/{account}`: every stake whose owner key is `owner` (any subaccount).
     public func stakes(ownedBy owner: PublicKey) async throws -> [[String: Any]] {
-        guard let stakes = try await get("/stakes/\(Self.pathComponent(Account(owner: owner).description))")["stakes"] as? [[String: Any]] else {
-            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /stakes did not return a `stakes` array")
-        }
-        return stakes
+        try await field("stakes", of: "/stakes/\(Self.pathComponent(Account(owner: owner).description))", as: "a `stakes` array")
     }
 
     /// `GET /params`: the `parameters` object, keyed exactly as in the genesis JSON.
-    public func parameters() async throws -> [String: Any] {
-        guard let parameters = try await get("/params")["parameters"] as? [String: Any] else {
-            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /params did not return a `parameters` object")
-        }
-        return parameters
-    }
+    public func parameters() async throws -> [String: Any] { try await field("parameters", of: "/params", as: "a `parameters` object") }
 
     /// `GET /escrow/{account}`: every escrow of exactly this account (one per router).
     public func escrows(of account: Account) async throws -> [[String: Any]] {
-        guard let escrows = try await get("/escrow/\(Self.pathComponent(account.description))")["escrows"] as? [[String: Any]] else {
-            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /escrow did not return an `escrows` array")
-        }
-        return escrows
+        try await field("escrows", of: "/escrow/\(Self.pathComponent(account.description))", as: "an `escrows` array")
     }
 
     /// `GET /escrows?router=KEY`: every escrow held with a router.
     public func escrows(router: PublicKey) async throws -> [[String: Any]] {
-        guard let escrows = try await get("/escrows?router=\(router.hex)")["escrows"] as? [[String: Any]] else {
-            throw ChainClientError(status: 0, code: "invalid_response", message: "GET /escrows did not return an `escrows` array")
+        try await field("escrows", of: "/escrows?router=\(router.hex)", as: "an `escrows` array")
+    }
+
+    /// One field of a `GET` answer, which must have type `T` (`what` names it in the error).
+    private func field<T>(_ name: String, of path: String, as what: String) async throws -> T {
+        guard let value = try await get(path)[name] as? T else {
+            let route = path.split(separator: "/").first.map { "/" + $0.split(separator: "?")[0] } ?? path
+            throw ChainClientError(status: 0, code: "invalid_response", message: "GET \(route) did not return \(what)")
         }
-        return escrows
+        return value
     }
 
     /// Percent-encodes one path segment.

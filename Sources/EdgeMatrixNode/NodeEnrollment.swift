@@ -90,9 +90,7 @@ public struct NodeEnrollment: Sendable {
     /// list, so calling this at every start-up sends nothing once it is in place).
     public func ensurePrices(node: PublicKey, prices: PriceList, progress: @Sendable (String) -> Void = { _ in }) async throws {
         let registered = try await client.nodes().first { $0["node_key"] as? String == node.hex }
-        if let current = registered?["prices"], JSONSerialization.isValidJSONObject(["p": current]),
-           let data = try? JSONSerialization.data(withJSONObject: current),
-           let list = try? JSONDecoder().decode(PriceList.self, from: data), list.sorted == prices.sorted {
+        if let registered, RegistryPriceBook.priceList(ofNode: registered)?.sorted == prices.sorted {
             progress("prices of node \(node.nodeID) already registered")
             return
         }

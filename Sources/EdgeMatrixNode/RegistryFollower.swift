@@ -44,9 +44,7 @@ public struct RegistryFollower: Service {
         }
         prices?.update(RegistryPriceBook.priceLists(nodes))
         if let escrows {
-            let answer = try await client.get("/escrows?router=\(escrows.router.hex)")
-            guard let list = answer["escrows"] as? [[String: Any]] else { throw RegistryFollowerError.malformedAnswer }
-            escrows.update(list)
+            escrows.update(try await client.escrows(router: escrows.router))
         }
         admitted.update(Self.eligibleComputeNodes(nodes), height: height)
         refreshes.increment()

@@ -39,11 +39,16 @@ public final class RegistryPriceBook: PriceBook {
         var lists = [NodeID: PriceList]()
         for node in nodes {
             guard let hex = node["node_key"] as? String, let key = try? PublicKey(hex: hex),
-                  let prices = node["prices"], JSONSerialization.isValidJSONObject(["p": prices]),
-                  let data = try? JSONSerialization.data(withJSONObject: prices),
-                  let list = try? JSONDecoder().decode(PriceList.self, from: data), !list.entries.isEmpty else { continue }
+                  let list = priceList(ofNode: node), !list.entries.isEmpty else { continue }
             lists[key.nodeID] = list
         }
         return lists
+    }
+
+    /// The `prices` of one `/nodes` entry, nil when absent or unreadable.
+    static func priceList(ofNode node: [String: Any]) -> PriceList? {
+        guard let prices = node["prices"], JSONSerialization.isValidJSONObject(["p": prices]),
+              let data = try? JSONSerialization.data(withJSONObject: prices) else { return nil }
+        return try? JSONDecoder().decode(PriceList.self, from: data)
     }
 }
