@@ -214,6 +214,39 @@ struct ChainAPI: Sendable {
                                  "held": s.ledger.escrowHeld(router: router).description,
                                  "escrows": s.ledger.escrows(withRouter: router).map { escrowJSON($0, ledger: s.ledger) }] as [String: Any])
         }
+        router.get("/settlements") { request, _ in
+            var routerKey: PublicKey?
+            if let text = request.uri.queryParameters["router"] {
+                guard let key = try? PublicKey(hex: String(text)) else {
+                    throw ChainAPIError.badRequest("invalid_router", "router must be the router's node key, 64 hex digits")
+                }
+                routerKey = key
+            }
+            let s = view.current
+            return jsonResponse(["height": s.height,
+                                 "settlements": s.ledger.settlements(router: routerKey).map(settlementJSON)] as [String: Any])
+        }
+        router.get("/settlements/cursor/:router") { _, context in
+            guard let text = context.parameters.get("router"), let routerKey = try? PublicKey(hex: text) else {
+                throw ChainAPIError.badRequest("invalid_router", "give the router's node key, 64 hex digits")
+            }
+            let s = view.current
+            let cursor = s.ledger.settlementCursor(router: routerKey)
+            return jsonResponse(["router": routerKey.hex, "height": s.height, "next_batch": cursor.nextBatch,
+                                 "next_sequence": cursor.nextSequence] as [String: Any])
+        }
+        router.get("/earnings/:key") { _, context in
+            // A node key gives that node's income; an owner key the income of every node it owns.
+            guard let text = context.parameters.get("key"), let key = try? PublicKey(hex: text) else {
+                throw ChainAPIError.badRequest("invalid_key", "give a node key or an owner key, 64 hex digits")
+            }
+            let s = view.current
+            let nodes = s.ledger.node(key) != nil ? [key] : s.ledger.allNodes.filter { $0.owner == key }.map(\.nodeKey)
+            let rows = nodes.flatMap { node in s.ledger.earnings(node: node).map { (node, $0) } }
+                .sorted { $0.1.epoch != $1.1.epoch ? $0.1.epoch < $1.1.epoch : $0.0.rawRepresentation.lexicographicallyPrecedes($1.0.rawRepresentation) }
+            return jsonResponse(["key": key.hex, "height": s.height, "nodes": nodes.map(\.hex),
+                                 "earnings": rows.map { earningsJSON(node: $0.0, $0.1) }] as [String: Any])
+        }
         router.get("/events/blocks") { _, _ in
             let stream = view.subscribe()
             let body = ResponseBody { writer in
@@ -264,6 +297,24 @@ func escrowJSON(_ e: Escrow, ledger: LedgerState) -> [String: Any] {
      "withdrawable_at_height": e.withdrawableAtHeight.map { $0 as Any } ?? NSNull()]
 }
 
+/// One settlement as the API shows it.
+func settlementJSON(_ r: SettlementRecord) -> [String: Any] {
+    ["router": r.router.hex, "router_id": r.router.nodeID.description, "batch": r.batchNumber, "first_sequence": r.firstSequence,
+     "last_sequence": r.lastSequence, "epoch": r.epoch, "receipt_count": r.receiptCount, "pair_count": r.pairCount,
+     "total": r.total.description, "total_base_units": r.total.baseUnits, "status": r.status.rawValue, "tx": r.tx.hex,
+     "commitment": r.commitment.hex, "included_height": r.includedAtHeight, "final_height": r.finalAtHeight,
+     "router_fee_bps": r.routerFeeBps, "protocol_fee_bps": r.protocolFeeBps]
+}
+
+/// One node's income in one epoch (EMC strings, base units alongside).
+func earningsJSON(node: PublicKey, _ e: NodeEarnings) -> [String: Any] {
+    let total = e.asNode.addingReportingOverflow(e.asRouter)
+    return ["epoch": e.epoch, "node": node.hex, "node_id": node.nodeID.description,
+            "node_income": Amount(baseUnits: e.asNode).description, "router_income": Amount(baseUnits: e.asRouter).description,
+            "held": Amount(baseUnits: e.held).description, "total": Amount(baseUnits: total.overflow ? .max : total.partialValue).description,
+            "node_income_base_units": e.asNode, "router_income_base_units": e.asRouter, "held_base_units": e.held, "receipts": e.receipts]
+}
+
 func txJSON(_ tx: Transaction) -> [String: Any] {
     var object: [String: Any] = ["hash": tx.id.hex, "signer": tx.signer.hex, "from": Account(owner: tx.signer).description,
                                  "created_at_ms": tx.body.createdAtMillis, "kind": tx.body.kind.name]
@@ -290,6 +341,14 @@ func txJSON(_ tx: Transaction) -> [String: Any] {
     case .setRouterFee(let f):
         object["node_key"] = f.nodeKey.hex
         object["router_fee_bps"] = f.feeBps
+    case .settle(let batch):
+        object["router"] = batch.router.hex
+        object["batch"] = batch.batchNumber
+        object["first_sequence"] = batch.firstSequence
+        object["last_sequence"] = batch.lastSequence
+        object["pair_count"] = batch.entries.count
+        object["receipt_count"] = batch.receiptCount
+        object["total"] = Amount(baseUnits: batch.total).description
     default:
         break
     }

@@ -104,6 +104,25 @@ public struct ChainClient: Sendable {
         try await field("escrows", of: "/escrows?router=\(router.hex)", as: "an `escrows` array")
     }
 
+    /// `GET /settlements[?router=KEY]`: included settlement batches, in router then batch order.
+    public func settlements(router: PublicKey? = nil) async throws -> [[String: Any]] {
+        try await field("settlements", of: router.map { "/settlements?router=\($0.hex)" } ?? "/settlements", as: "a `settlements` array")
+    }
+
+    /// `GET /settlements/cursor/KEY`: where the router's next batch must start.
+    public func settlementCursor(router: PublicKey) async throws -> (nextBatch: UInt64, nextSequence: UInt64) {
+        let answer = try await get("/settlements/cursor/\(router.hex)")
+        guard let batch = (answer["next_batch"] as? NSNumber)?.uint64Value,
+              let sequence = (answer["next_sequence"] as? NSNumber)?.uint64Value
+        else { throw ChainClientError(status: 0, code: "invalid_response", message: "GET /settlements/cursor did not return next_batch and next_sequence") }
+        return (batch, sequence)
+    }
+
+    /// `GET /earnings/KEY`: income per epoch of a node, or of every node an owner key owns.
+    public func earnings(of key: PublicKey) async throws -> [[String: Any]] {
+        try await field("earnings", of: "/earnings/\(key.hex)", as: "an `earnings` array")
+    }
+
     /// One field of a `GET` answer, which must have type `T` (`what` names it in the error).
     private func field<T>(_ name: String, of path: String, as what: String) async throws -> T {
         guard let value = try await get(path)[name] as? T else {

@@ -15,7 +15,7 @@ public struct MempoolRejection: Error, Sendable, CustomStringConvertible {
 /// Pending transactions in arrival order, deduplicated by id, checked against the latest committed state.
 public final class Mempool: Sendable {
     public static let defaultCapacity = 50_000
-    public static let maxTransactionBytes = 1 << 20
+    public static let maxTransactionBytes = TransactionLimits.maxSettleTransactionBytes + 128
 
     struct State {
         var nextSeq: UInt64 = 0

@@ -213,6 +213,21 @@ public struct Receipt: Hashable, Sendable {
 
     public var id: Hash32 { Hash32.of(bodyBytes + nodeSignature) }
 
+    /// A countersigned receipt as a settlement leaf carries it: body bytes ‖ node signature (64) ‖ router
+    /// signature (64). Nil until countersigned. The body is what is left after the two fixed-size signatures.
+    public var settlementBytes: [UInt8]? {
+        guard let routerSignature, nodeSignature.count == 64, routerSignature.count == 64 else { return nil }
+        return bodyBytes + nodeSignature + routerSignature
+    }
+
+    /// Reads `settlementBytes`. Signatures are not checked here (`verify()` does).
+    public init(settlementBytes bytes: [UInt8]) throws(ReceiptError) {
+        guard bytes.count > 128 else { throw .malformed("a settled receipt is body ‖ 64-byte node signature ‖ 64-byte router signature; got \(bytes.count) bytes") }
+        let bodyEnd = bytes.count - 128
+        try self.init(bodyBytes: Array(bytes[..<bodyEnd]), nodeSignature: Array(bytes[bodyEnd..<(bodyEnd + 64)]),
+                      routerSignature: Array(bytes[(bodyEnd + 64)...]))
+    }
+
     public func verifyNodeSignature(nodeKey: PublicKey) throws(ReceiptError) {
         guard body.node == nodeKey else { throw .wrongNode(expected: nodeKey.nodeID, got: body.nodeID) }
         guard nodeKey.isValidSignature(nodeSignature, for: bodyBytes, domain: .receiptByNode) else { throw .badNodeSignature }

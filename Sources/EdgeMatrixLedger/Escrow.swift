@@ -97,6 +97,11 @@ public struct Escrow: Hashable, Sendable {
 public enum BlockEvent: Hashable, Sendable {
     /// A requested escrow withdrawal came due: `amount` went back to the payer; `remaining` stays (pending).
     case escrowReturned(payer: Account, router: PublicKey, amount: Amount, remaining: Amount)
+    /// A settlement's challenge window ended: its escrow charges were spent, `routerFees` paid to the router
+    /// owner and `burned` (protocol fees, plus any share without a recipient) burned; node shares are now held.
+    case settlementFinal(SettlementKey, total: Amount, routerFees: Amount, burned: Amount)
+    /// A held node share came out of its audit window and was paid to the node owner.
+    case payoutReleased(HeldPayout)
 }
 
 // MARK: - Applying escrow and pricing transactions

@@ -57,6 +57,7 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
     case escrowInsufficient(payer: Account, router: PublicKey, available: Amount, needed: Amount)
     case invalidPriceList(field: String, reason: String)
     case invalidRouterFee(got: UInt32, maximum: UInt32)
+    case settlementOutOfOrder(router: PublicKey, expected: SettlementCursor, gotBatch: UInt64, gotFirstSequence: UInt64)
     // Consensus-reported misbehaviour
     case unknownValidator(nodeKey: PublicKey)
     case evidenceAlreadyUsed(Hash32)
@@ -107,6 +108,7 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .escrowInsufficient: "EscrowInsufficient"
         case .invalidPriceList: "InvalidPriceList"
         case .invalidRouterFee: "InvalidRouterFee"
+        case .settlementOutOfOrder: "SettlementOutOfOrder"
         case .unknownValidator: "UnknownValidator"
         case .evidenceAlreadyUsed: "EvidenceAlreadyUsed"
         }
@@ -154,6 +156,8 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .invalidPriceList(let field, let reason): "invalid price list: \(field) \(reason)"
         case .invalidRouterFee(let got, let maximum):
             "router_fee_bps \(got) is too high: at most \(maximum) (10000 minus the protocol fee), so that a node's share is never negative"
+        case .settlementOutOfOrder(let router, let expected, let batch, let first):
+            "router \(router.nodeID)'s next settlement must be batch \(expected.nextBatch) starting at sequence \(expected.nextSequence); got batch \(batch) starting at \(first) (already settled, or a gap)"
         case .unknownValidator(let key): "no validator node \(key.nodeID) with a stake to slash"
         case .evidenceAlreadyUsed(let id): "evidence \(id) was already used to slash"
         }

@@ -30,6 +30,7 @@ public enum TxEffect: Hashable, Sendable {
     case escrowWithdrawalRequested(payer: Account, router: PublicKey, withdrawableAtHeight: UInt64)
     case pricesSet(nodeKey: PublicKey, entries: UInt32)
     case routerFeeSet(nodeKey: PublicKey, feeBps: UInt32)
+    case settled(router: PublicKey, batch: UInt64, total: Amount, finalAtHeight: UInt64)
 }
 
 public struct TxOutcome: Hashable, Sendable {
@@ -74,6 +75,12 @@ public struct LedgerState: Sendable {
     var usedEvidence: Set<Hash32> = []
     /// Escrows per (payer, router); see Escrow.swift.
     var escrows: [EscrowKey: Escrow] = [:]
+    /// Included settlement batches; see SettlementLedger.swift.
+    var settlements: [SettlementKey: SettlementRecord] = [:]
+    /// Each router's next batch number and first sequence number (absent = batch 0 from sequence 1).
+    var settlementCursors: [PublicKey: SettlementCursor] = [:]
+    /// Node shares of final settlements by the height their audit window ends, in the order they were made.
+    var heldPayouts: [UInt64: [HeldPayout]] = [:]
 
     // Indexes derivable from the state above; not part of the state root.
     var stakeUsers: [UInt64: PublicKey] = [:]
@@ -82,6 +89,10 @@ public struct LedgerState: Sendable {
     var routerEscrowTotals: [PublicKey: UInt64] = [:]
     /// Escrow keys by the height their withdrawal comes due (entries may be stale: a top-up cancels a request).
     var escrowWithdrawalsDue: [UInt64: [EscrowKey]] = [:]
+    /// Pending settlement keys by the height their challenge window ends (derivable from `settlements`).
+    var settlementsDue: [UInt64: [SettlementKey]] = [:]
+    /// Income per node and epoch, for `earnings(node:)` (derivable from the blocks).
+    var nodeEarnings: [PublicKey: [UInt64: NodeEarnings]] = [:]
 
     struct DedupEntry: Hashable, Sendable {
         var location: TxLocation
@@ -223,15 +234,14 @@ public struct LedgerState: Sendable {
         case .escrowWithdraw(let w): result = applyEscrowWithdraw(w, signer: tx.signer, height: context.height, commit: commit)
         case .setPrices(let p): result = applySetPrices(p, signer: tx.signer, commit: commit)
         case .setRouterFee(let f): result = applySetRouterFee(f, signer: tx.signer, commit: commit)
+        case .settle(let batch): result = applySettle(batch, signer: tx.signer, height: context.height, tx: id, commit: commit)
         }
         switch result {
         case .failure(let error):
             return .failure(error)
         case .success(let (fee, effect)):
             guard commit else { return .success(TxOutcome(id: id, location: context.location, fee: fee, effect: effect)) }
-            // Fees are burned.
-            totalSupply = Amount(baseUnits: totalSupply.baseUnits - fee.baseUnits)
-            burned = Amount(baseUnits: burned.baseUnits + fee.baseUnits)
+            burn(fee.baseUnits)  // fees are burned
             dedup[id] = DedupEntry(location: context.location, createdAtMillis: body.createdAtMillis)
             dedupBuckets[body.createdAtMillis / Self.dedupBucketMillis, default: []].append(id)
             return .success(TxOutcome(id: id, location: context.location, fee: fee, effect: effect))
@@ -251,6 +261,13 @@ public struct LedgerState: Sendable {
         let remaining = balances[account, default: 0] - amount
         // Zero balances are dropped so that the state (and its root) holds no empty accounts.
         balances[account] = remaining == 0 ? nil : remaining
+    }
+
+    /// Takes `amount` out of the supply for good (fees, slashes, protocol fees). Callers burn only what they
+    /// have just taken out of a balance, stake or escrow, so it is ≤ the supply.
+    mutating func burn(_ amount: UInt64) {
+        totalSupply = Amount(baseUnits: totalSupply.baseUnits - amount)
+        burned = Amount(baseUnits: burned.baseUnits + amount)
     }
 
     mutating func credit(_ account: Account, _ amount: UInt64) {
@@ -427,8 +444,7 @@ public struct LedgerState: Sendable {
         let slashed = UInt64(10_000).dividingFullWidth(product).quotient
         stake.amount = Amount(baseUnits: stake.amount.baseUnits - slashed)
         stakes[stake.id] = stake
-        totalSupply = Amount(baseUnits: totalSupply.baseUnits - slashed)
-        burned = Amount(baseUnits: burned.baseUnits + slashed)
+        burn(slashed)
         if let evidenceID { usedEvidence.insert(evidenceID) }
         return .success(SlashOutcome(validator: nodeKey, stakeID: stake.id, slashed: Amount(baseUnits: slashed), remaining: stake.amount))
     }
@@ -446,13 +462,14 @@ public struct LedgerState: Sendable {
     }
 
     /// The deterministic per-height step, run after the block's transactions and before `endBlock`: everything
-    /// that falls due at `height` happens here, in a fixed order. Today: escrow withdrawals that come due
-    /// (`returnDueEscrows`). Settlement finalisation (challenge window over → money moves; audit window over →
-    /// node payouts released) belongs here too, after the escrow returns, each in key order, each appending its
-    /// `BlockEvent`s; nothing here may read a clock or depend on dictionary order.
+    /// that falls due at `height` happens here, in a fixed order (docs/SETTLEMENT.md § 5): escrow withdrawals,
+    /// then settlements whose challenge window ends (money moves), then node payouts whose audit window ends.
+    /// Nothing here may read a clock or depend on dictionary order.
     public mutating func finishHeight(_ height: UInt64) -> [BlockEvent] {
         var events = [BlockEvent]()
         events += returnDueEscrows(height: height)
+        events += finaliseDueSettlements(height: height)
+        events += releaseDuePayouts(height: height)
         return events
     }
 

@@ -212,8 +212,10 @@ extension SettlementPairEntry: CanonicalCodable {
 /// increasing (payer, node) order, every count in 1...2^32, the amounts and counts add up without overflow.
 public struct SettlementBatch: Hashable, Sendable {
     public static let version: UInt8 = 1
-    /// At most this many (payer, node) pairs per batch: 16,384 entries are at most 2.3 MB.
-    public static let maxEntries = 16_384
+    /// At most this many (payer, node) pairs per batch: 7,000 entries of at most 145 bytes keep a `settle`
+    /// transaction under 1 MiB (`TransactionLimits.maxSettleTransactionBytes`). A router with more pairs in an
+    /// epoch closes more than one batch.
+    public static let maxEntries = 7_000
     /// A leaf's receipt bytes are at most this long.
     public static let maxReceiptBytes = 64 * 1024
 

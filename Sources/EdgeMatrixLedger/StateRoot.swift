@@ -6,6 +6,7 @@ import EdgeMatrixCore
 extension LedgerState {
     enum Section: UInt8 {
         case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6, escrow = 7
+        case settlement = 8, settlementCursor = 9, heldPayout = 10
     }
 
     public func stateRoot() -> Hash32 { MerkleTree.root(leaves: stateLeaves()) }
@@ -85,6 +86,57 @@ extension LedgerState {
                 if let due = e.withdrawableAtHeight { w.write(true); w.write(due) } else { w.write(false) }
             }
         }
+        keyed(.settlement, settlements.map { ($0.key, []) }, key: { $0.keyBytes }) { key in
+            { w in
+                let s = self.settlements[key]!
+                w.write(s.firstSequence)
+                w.write(s.lastSequence)
+                w.write(s.epoch)
+                w.write(s.includedAtHeight)
+                w.write(s.finalAtHeight)
+                w.writeRaw(s.tx.bytes)
+                w.writeRaw(s.commitment.bytes)
+                w.write(s.receiptCount)
+                w.write(s.pairCount)
+                s.total.encode(to: &w)
+                w.write(s.routerFeeBps)
+                w.write(s.protocolFeeBps)
+                w.write(s.status.tag)
+                w.write(UInt32(truncatingIfNeeded: s.entries.count))
+                for entry in s.entries { entry.encode(to: &w) }
+            }
+        }
+        keyed(.settlementCursor, settlementCursors.map { ($0.key, []) }, key: { $0.rawRepresentation }) { router in
+            { w in
+                let c = self.settlementCursors[router]!
+                w.write(c.nextBatch)
+                w.write(c.nextSequence)
+            }
+        }
+        // Held payouts keep their order within a release height: key = u64 height ‖ u32 position.
+        let held = heldPayouts.flatMap { height, list in list.enumerated().map { (HeldPayoutPosition(height: height, index: UInt32(truncatingIfNeeded: $0.offset)), $0.element) } }
+        keyed(.heldPayout, held.map { ($0.0, []) }, key: { $0.keyBytes }) { position in
+            { w in
+                let p = self.heldPayouts[position.height]![Int(position.index)]
+                p.node.encode(to: &w)
+                p.owner.encode(to: &w)
+                p.amount.encode(to: &w)
+                w.writeRaw(p.settlement.keyBytes)
+            }
+        }
         return leaves
+    }
+}
+
+/// Where a held payout sits: its release height and its position among that height's payouts.
+struct HeldPayoutPosition: Hashable {
+    let height: UInt64
+    let index: UInt32
+
+    var keyBytes: [UInt8] {
+        var writer = ByteWriter(capacity: 12)
+        writer.write(height)
+        writer.write(index)
+        return writer.bytes
     }
 }

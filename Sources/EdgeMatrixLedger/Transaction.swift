@@ -2,8 +2,11 @@ import EdgeMatrixCore
 
 /// Hard limits of the transaction format, enforced while decoding (before any parameter is known).
 public enum TransactionLimits {
-    /// Largest envelope the decoder accepts at all.
+    /// Largest body of every kind but `settle`.
     public static let maxTransactionBytes = 16 * 1024
+    /// Largest body of a `settle` transaction (a batch of up to `SettlementBatch.maxEntries` pairs), and so the
+    /// largest envelope the decoder reads at all.
+    public static let maxSettleTransactionBytes = 1 << 20
     /// Decoder bound for memos; the chain's own limit (`LedgerParameters.maxMemoBytes`, 32 by default) is checked on apply.
     public static let maxMemoBytes = 256
     public static let maxEndpoints = 8
@@ -165,6 +168,8 @@ public enum TransactionKind: Hashable, Sendable {
     case setPrices(SetPrices)
     /// Sets a router's fee in basis points.
     case setRouterFee(SetRouterFee)
+    /// A router settles one batch of countersigned receipts (docs/SETTLEMENT.md, docs/PROTOCOL.md § 12).
+    case settle(SettlementBatch)
 
     public var name: String {
         switch self {
@@ -179,6 +184,7 @@ public enum TransactionKind: Hashable, Sendable {
         case .escrowWithdraw: "escrow_withdraw"
         case .setPrices: "set_prices"
         case .setRouterFee: "set_router_fee"
+        case .settle: "settle"
         }
     }
 }
@@ -253,6 +259,9 @@ extension TransactionBody: CanonicalCodable {
             writer.write(UInt8(11))
             f.nodeKey.encode(to: &writer)
             writer.write(f.feeBps)
+        case .settle(let batch):
+            writer.write(UInt8(12))
+            batch.encode(to: &writer)
         }
     }
 
@@ -306,7 +315,8 @@ extension TransactionBody: CanonicalCodable {
         case 11:
             let key = try PublicKey(from: &reader)
             kind = .setRouterFee(SetRouterFee(nodeKey: key, feeBps: try reader.readUInt32()))
-        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 11)")
+        case 12: kind = .settle(try SettlementBatch(from: &reader))
+        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 12)")
         }
     }
 }
@@ -332,8 +342,8 @@ public struct Transaction: Hashable, Sendable {
 
     /// From received parts. Does not verify the signature (`apply` does, and so does `hasValidSignature`).
     public init(bodyBytes: [UInt8], signer: PublicKey, signature: [UInt8]) throws(TransactionDecodingError) {
-        guard bodyBytes.count <= TransactionLimits.maxTransactionBytes else {
-            throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)
+        guard bodyBytes.count <= TransactionLimits.maxSettleTransactionBytes else {
+            throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxSettleTransactionBytes)
         }
         guard signature.count == 64 else { throw .malformed("signature must be 64 bytes, got \(signature.count)") }
         do {
@@ -341,6 +351,10 @@ public struct Transaction: Hashable, Sendable {
             body = try TransactionBody(from: &reader)
             try reader.expectEnd()
         } catch { throw .malformed(error.description) }
+        // Only a settlement batch may be larger than the ordinary limit.
+        if case .settle = body.kind {} else if bodyBytes.count > TransactionLimits.maxTransactionBytes {
+            throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)
+        }
         self.bodyBytes = bodyBytes
         self.signer = signer
         self.signature = signature
@@ -348,12 +362,12 @@ public struct Transaction: Hashable, Sendable {
 
     /// Decodes the wire form produced by `encoded`. Never traps; any defect is a `TransactionDecodingError`.
     public init(decoding bytes: [UInt8]) throws(TransactionDecodingError) {
-        guard bytes.count <= TransactionLimits.maxTransactionBytes + 128 else {
-            throw .tooLarge(bytes: bytes.count, limit: TransactionLimits.maxTransactionBytes)
+        guard bytes.count <= TransactionLimits.maxSettleTransactionBytes + 128 else {
+            throw .tooLarge(bytes: bytes.count, limit: TransactionLimits.maxSettleTransactionBytes)
         }
         let body: [UInt8], signer: PublicKey, signature: [UInt8]
         do throws(DecodingError) {
-            var reader = ByteReader(bytes, maxFieldLength: TransactionLimits.maxTransactionBytes)
+            var reader = ByteReader(bytes, maxFieldLength: TransactionLimits.maxSettleTransactionBytes)
             let version = try reader.readUInt8()
             guard version == Self.envelopeVersion else { throw .invalidValue("transaction envelope version \(version)") }
             body = try reader.readBytes()

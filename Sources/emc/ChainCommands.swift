@@ -545,7 +545,8 @@ struct Tx: AsyncParsableCommand {
 struct Query: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Read the chain through a validator's HTTP API: emc query <what> [--json].",
-        subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self, Params.self, EscrowQuery.self])
+        subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self, Params.self, EscrowQuery.self,
+                      SettlementsQuery.self, EarningsQuery.self])
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Chain id, latest committed height, block hash, state root, mempool size.")
@@ -776,6 +777,62 @@ extension Query {
             printTable(["ROUTER ID", "BALANCE (EMC)", "PENDING", "AVAILABLE", "WITHDRAWABLE AT"], escrows.map { e in
                 ["\(e["router_id"] ?? "")", "\(e["balance"] ?? "")", "\(e["pending"] ?? "")", "\(e["available"] ?? "")",
                  (e["withdrawable_at_height"] as? Int).map { "block \($0)" } ?? "-"]
+            })
+        }
+    }
+}
+
+extension Query {
+    struct SettlementsQuery: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "settlements",
+            abstract: "Settlement batches on chain, oldest first (of one router with --router).",
+            discussion: """
+            --json prints an array; each element has router (node key hex), router_id, batch (the router's batch \
+            number, from 0), first_sequence and last_sequence (the router sequence numbers it covers), epoch (of the \
+            including block), receipt_count, pair_count, total (EMC) and total_base_units, status (pending: in its \
+            challenge window; final: paid; challenged; reverted), tx (the settle transaction's id), included_height, \
+            final_height (the block at whose end the money moves), router_fee_bps and protocol_fee_bps in force.
+            """)
+        @Option(help: "Only this router: its node key (64 hex digits) or its key file.") var router: String?
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let routerKey = try router.map { try parsePublicKeyArgument($0, option: "--router") }
+            let settlements = try await node.client().settlements(router: routerKey)
+            if output.json { return printJSON(settlements) }
+            if settlements.isEmpty { return say("no settlements" + (routerKey.map { " of router \($0.nodeID)" } ?? "")) }
+            printTable(["ROUTER ID", "BATCH", "SEQUENCES", "EPOCH", "RECEIPTS", "PAIRS", "TOTAL (EMC)", "STATUS", "FINAL AT"], settlements.map { s in
+                ["\(s["router_id"] ?? "")", "\(s["batch"] ?? "")", "\(s["first_sequence"] ?? "")–\(s["last_sequence"] ?? "")", "\(s["epoch"] ?? "")",
+                 "\(s["receipt_count"] ?? "")", "\(s["pair_count"] ?? "")", "\(s["total"] ?? "")", "\(s["status"] ?? "")",
+                 "block \(s["final_height"] ?? "")"]
+            })
+        }
+    }
+
+    struct EarningsQuery: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "earnings",
+            abstract: "Income per epoch of a node, or of every node an owner key owns.",
+            discussion: """
+            Income counts once a settlement is final (its challenge window passed). --json prints an array, one \
+            element per node and epoch, oldest epoch first: epoch, node, node_id, node_income (the node's share of \
+            what it served), router_income (router fees, for a router), held (node income still inside the audit \
+            window, not yet paid out), total, their *_base_units, and receipts.
+            """)
+        @Argument(help: "A node key or an owner key: 64 hex digits, or a key file.") var key: String
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let key = try parsePublicKeyArgument(key, option: "node or owner key")
+            let earnings = try await node.client().earnings(of: key)
+            if output.json { return printJSON(earnings) }
+            if earnings.isEmpty { return say("no income yet for \(key.hex)") }
+            printTable(["EPOCH", "NODE ID", "NODE INCOME (EMC)", "ROUTER INCOME", "HELD", "RECEIPTS"], earnings.map { e in
+                ["\(e["epoch"] ?? "")", "\(e["node_id"] ?? "")", "\(e["node_income"] ?? "")", "\(e["router_income"] ?? "")",
+                 "\(e["held"] ?? "")", "\(e["receipts"] ?? "")"]
             })
         }
     }

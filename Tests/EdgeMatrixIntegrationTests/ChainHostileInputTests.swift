@@ -229,6 +229,11 @@ extension Integration {
                 try await expectStatus("/blocks?\(query)", 400, code: "invalid_parameter")
             }
             try await expectStatus("/txs/" + String(repeating: "f", count: 64), 404, code: "not_found")
+            for bad in ["", "zz", String(repeating: "f", count: 63), String(repeating: "0", count: 10_000), "-1", "%00"] {
+                try await expectStatus("/settlements?router=\(bad)", 400, code: "invalid_router")
+                try await expectStatus("/earnings/\(bad.isEmpty ? "x" : bad)", 400, code: "invalid_key")
+                try await expectStatus("/settlements/cursor/\(bad.isEmpty ? "x" : bad)", 400, code: "invalid_router")
+            }
             try await expectStatus("/txs/" + String(repeating: "f", count: 100_00), 400, code: "invalid_hash")
             try await expectStatus("/accounts/" + String(repeating: "a", count: 4000) + "/balance", 400, code: "invalid_account")
             let undecodable = try await Harness.request(.GET, base + "/stakes/%FF%FE")

@@ -74,8 +74,8 @@ struct FuzzTests {
         var f = Fixture()
         let result = f.ledger.apply(bytes: [1, 0, 0, 0, 5, 1, 2], context: BlockContext(height: 1, timeMillis: f.now))
         #expect(result.failure?.description.contains("truncated") == true)
-        #expect(throws: TransactionDecodingError.tooLarge(bytes: 100_000, limit: TransactionLimits.maxTransactionBytes)) {
-            try Transaction(decoding: [UInt8](repeating: 1, count: 100_000))
+        #expect(throws: TransactionDecodingError.tooLarge(bytes: 2 << 20, limit: TransactionLimits.maxSettleTransactionBytes)) {
+            try Transaction(decoding: [UInt8](repeating: 1, count: 2 << 20))
         }
     }
 }

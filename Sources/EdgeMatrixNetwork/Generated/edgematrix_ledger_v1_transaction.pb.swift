@@ -39,7 +39,7 @@ public nonisolated struct Edgematrix_Ledger_V1_SignedTransaction: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// The canonical TransactionBody bytes (docs/PROTOCOL.md § 6.1), exactly as signed. At most 16,384 bytes.
+  /// The canonical TransactionBody bytes (docs/PROTOCOL.md § 6.1), exactly as signed. At most 16,384 bytes (1,048,576 for a settle, kind 12).
   public var body: Data = Data()
 
   /// The signer's Ed25519 public key: exactly 32 bytes.
