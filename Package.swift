@@ -87,7 +87,7 @@ let package = Package(
         .target(
             name: "EdgeMatrixRouter",
             dependencies: [
-                "EdgeMatrixCore", "EdgeMatrixNetwork", "EdgeMatrixStore",
+                "EdgeMatrixCore", "EdgeMatrixNetwork", "EdgeMatrixStore", "EdgeMatrixLedger",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -145,7 +145,11 @@ let package = Package(
         ),
         .testTarget(
             name: "EdgeMatrixRouterTests",
-            dependencies: ["EdgeMatrixRouter", "EdgeMatrixNetwork", "EdgeMatrixStore", "EdgeMatrixCore"]
+            dependencies: [
+                "EdgeMatrixRouter", "EdgeMatrixNetwork", "EdgeMatrixStore", "EdgeMatrixCore", "EdgeMatrixLedger",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HummingbirdTesting", package: "hummingbird"),
+            ]
         ),
         .testTarget(
             name: "EdgeMatrixIntegrationTests",

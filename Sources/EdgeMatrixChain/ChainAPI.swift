@@ -303,7 +303,8 @@ func settlementJSON(_ r: SettlementRecord) -> [String: Any] {
      "last_sequence": r.lastSequence, "epoch": r.epoch, "receipt_count": r.receiptCount, "pair_count": r.pairCount,
      "total": r.total.description, "total_base_units": r.total.baseUnits, "status": r.status.rawValue, "tx": r.tx.hex,
      "commitment": r.commitment.hex, "included_height": r.includedAtHeight, "final_height": r.finalAtHeight,
-     "router_fee_bps": r.routerFeeBps, "protocol_fee_bps": r.protocolFeeBps]
+     "router_fee_bps": r.routerFeeBps, "protocol_fee_bps": r.protocolFeeBps, "upheld_challenges": r.upheldChallenges,
+     "reverted_base_units": r.revertedTotal]
 }
 
 /// One node's income in one epoch (EMC strings, base units alongside).
@@ -349,6 +350,10 @@ func txJSON(_ tx: Transaction) -> [String: Any] {
         object["pair_count"] = batch.entries.count
         object["receipt_count"] = batch.receiptCount
         object["total"] = Amount(baseUnits: batch.total).description
+    case .challengeSettlement(let c):
+        object["router"] = c.router.hex
+        object["batch"] = c.batchNumber
+        object["claim"] = c.claim.name
     default:
         break
     }

@@ -210,6 +210,7 @@ extension LedgerState {
         let effect = TxEffect.pricesSet(nodeKey: s.nodeKey, entries: UInt32(clamping: s.prices.entries.count))
         guard commit else { return .success((fee, effect)) }
         debit(payer, fee.baseUnits)
+        node.priorPrices = node.prices
         node.prices = s.prices
         nodes[s.nodeKey] = node
         return .success((fee, effect))

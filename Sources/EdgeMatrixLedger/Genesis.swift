@@ -195,6 +195,9 @@ public struct Genesis: Codable, Sendable, Hashable {
                 throw fail("parameters.\(field)", "must be between \(minimum) and \(maxBlocks) blocks")
             }
         }
+        guard p.challengeBond > .zero else {
+            throw fail("parameters.challenge_bond", "must be more than 0: a free challenge would let anyone stall settlements at no cost")
+        }
         guard p.routerEscrowCapMultiple >= 1 else {
             throw fail("parameters.router_escrow_cap_multiple", "must be at least 1: a router may hold escrow up to this many times its bonded stake")
         }

@@ -58,6 +58,8 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
     case invalidPriceList(field: String, reason: String)
     case invalidRouterFee(got: UInt32, maximum: UInt32)
     case settlementOutOfOrder(router: PublicKey, expected: SettlementCursor, gotBatch: UInt64, gotFirstSequence: UInt64)
+    case unknownSettlement(router: PublicKey, batch: UInt64)
+    case challengeWindowClosed(router: PublicKey, batch: UInt64, finalAtHeight: UInt64)
     // Consensus-reported misbehaviour
     case unknownValidator(nodeKey: PublicKey)
     case evidenceAlreadyUsed(Hash32)
@@ -109,6 +111,8 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .invalidPriceList: "InvalidPriceList"
         case .invalidRouterFee: "InvalidRouterFee"
         case .settlementOutOfOrder: "SettlementOutOfOrder"
+        case .unknownSettlement: "UnknownSettlement"
+        case .challengeWindowClosed: "ChallengeWindowClosed"
         case .unknownValidator: "UnknownValidator"
         case .evidenceAlreadyUsed: "EvidenceAlreadyUsed"
         }
@@ -158,6 +162,9 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
             "router_fee_bps \(got) is too high: at most \(maximum) (10000 minus the protocol fee), so that a node's share is never negative"
         case .settlementOutOfOrder(let router, let expected, let batch, let first):
             "router \(router.nodeID)'s next settlement must be batch \(expected.nextBatch) starting at sequence \(expected.nextSequence); got batch \(batch) starting at \(first) (already settled, or a gap)"
+        case .unknownSettlement(let router, let batch): "router \(router.nodeID) has no settlement batch \(batch) on chain"
+        case .challengeWindowClosed(let router, let batch, let height):
+            "the challenge window of router \(router.nodeID)'s batch \(batch) closed at the end of block \(height); it is final"
         case .unknownValidator(let key): "no validator node \(key.nodeID) with a stake to slash"
         case .evidenceAlreadyUsed(let id): "evidence \(id) was already used to slash"
         }

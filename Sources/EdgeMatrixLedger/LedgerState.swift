@@ -31,6 +31,8 @@ public enum TxEffect: Hashable, Sendable {
     case pricesSet(nodeKey: PublicKey, entries: UInt32)
     case routerFeeSet(nodeKey: PublicKey, feeBps: UInt32)
     case settled(router: PublicKey, batch: UInt64, total: Amount, finalAtHeight: UInt64)
+    case challengeUpheld(router: PublicKey, batch: UInt64, code: String, reverted: Amount, slashed: Amount, reward: Amount, compensation: Amount)
+    case challengeDismissed(router: PublicKey, batch: UInt64, code: String, bondBurned: Amount)
 }
 
 public struct TxOutcome: Hashable, Sendable {
@@ -235,6 +237,7 @@ public struct LedgerState: Sendable {
         case .setPrices(let p): result = applySetPrices(p, signer: tx.signer, commit: commit)
         case .setRouterFee(let f): result = applySetRouterFee(f, signer: tx.signer, commit: commit)
         case .settle(let batch): result = applySettle(batch, signer: tx.signer, height: context.height, tx: id, commit: commit)
+        case .challengeSettlement(let c): result = applyChallenge(c, signer: tx.signer, commit: commit)
         }
         switch result {
         case .failure(let error):

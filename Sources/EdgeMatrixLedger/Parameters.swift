@@ -270,6 +270,9 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
     public var settlementDeadlineBlocks: UInt64
     /// k: the escrow all payers together hold with one router is at most k × the router's bonded stake.
     public var routerEscrowCapMultiple: UInt32
+    /// What a challenger posts with a fraud proof: returned with a reward when upheld, burned when dismissed. Also the
+    /// least a router loses for an upheld challenge (its stake permitting).
+    public var challengeBond: Amount
 
     /// Largest value any `*_blocks` settlement parameter may take (about 31 years of one-second blocks), so that a
     /// height plus any sum of them always fits in 64 bits.
@@ -279,7 +282,7 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
                 pools: [PoolShare], staking: StakingParameters, rewards: RewardSchedule, epochLengthBlocks: UInt64,
                 slashFractionBps: UInt32, dedupWindowMillis: UInt64, permittedDriftMillis: UInt64, maxMemoBytes: UInt32,
                 protocolFeeBps: UInt32 = 500, challengeWindowBlocks: UInt64 = 600, auditWindowBlocks: UInt64 = 3_600,
-                settlementDeadlineBlocks: UInt64 = 3_600, routerEscrowCapMultiple: UInt32 = 1) {
+                settlementDeadlineBlocks: UInt64 = 3_600, routerEscrowCapMultiple: UInt32 = 1, challengeBond: Amount = Amount(emc: 10)) {
         self.tokenName = tokenName
         self.tokenSymbol = tokenSymbol
         self.decimals = decimals
@@ -298,6 +301,7 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
         self.auditWindowBlocks = auditWindowBlocks
         self.settlementDeadlineBlocks = settlementDeadlineBlocks
         self.routerEscrowCapMultiple = routerEscrowCapMultiple
+        self.challengeBond = challengeBond
     }
 
     /// DESIGN.md's defaults. Pool split besides the 18% transaction-mining pool is ours and only a default.
@@ -311,7 +315,7 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
         epochLengthBlocks: 900, slashFractionBps: 500,
         dedupWindowMillis: 24 * 3_600_000, permittedDriftMillis: 120_000, maxMemoBytes: 32,
         protocolFeeBps: 500, challengeWindowBlocks: 600, auditWindowBlocks: 3_600, settlementDeadlineBlocks: 3_600,
-        routerEscrowCapMultiple: 1)
+        routerEscrowCapMultiple: 1, challengeBond: Amount(emc: 10))
 
     /// The standard parameters with devnet timing: short epochs (20 blocks by default) and windows of half an epoch
     /// (challenge 10, audit 10 blocks), and two epochs to settle (40 blocks), so a settlement finishes in seconds.
@@ -347,5 +351,6 @@ public struct LedgerParameters: Codable, Sendable, Hashable {
         case auditWindowBlocks = "audit_window_blocks"
         case settlementDeadlineBlocks = "settlement_deadline_blocks"
         case routerEscrowCapMultiple = "router_escrow_cap_multiple"
+        case challengeBond = "challenge_bond"
     }
 }

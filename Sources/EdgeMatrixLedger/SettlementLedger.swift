@@ -61,6 +61,12 @@ public struct SettlementRecord: Hashable, Sendable {
     public let protocolFeeBps: UInt32
     public internal(set) var status: SettlementStatus
     public internal(set) var entries: [SettlementPairEntry]
+    /// Per entry, what upheld challenges gave back to the payer (empty until the first one).
+    public internal(set) var reverted: [UInt64] = []
+    public internal(set) var upheldChallenges: UInt32 = 0
+
+    /// What upheld challenges reverted, in total (while the entries are kept).
+    public var revertedTotal: UInt64 { reverted.reduce(0) { $0.addingSaturating($1) } }
 
     public var router: PublicKey { key.router }
     public var batchNumber: UInt64 { key.batchNumber }
@@ -215,14 +221,16 @@ extension LedgerState {
         var events = [BlockEvent]()
         let releaseAt = height.addingSaturating(parameters.auditWindowBlocks)
         for key in Set(due).sorted() {
-            guard var record = settlements[key], record.status == .pending else { continue }
+            guard var record = settlements[key], record.status == .pending || record.status == .challenged else { continue }
             let routerOwner = nodes[key.router].map { Account(owner: $0.owner) }
-            var burnedHere: UInt64 = 0, routerFees: UInt64 = 0
-            for entry in record.entries {
-                // Cannot fail: the charge moved `amount` to pending at inclusion and only this step or a revert
-                // takes it out again.
-                guard escrowSpend(EscrowKey(payer: entry.payer, router: key.router), Amount(baseUnits: entry.amount)) == nil else { continue }
-                let split = SettlementSplit(amount: entry.amount, routerFeeBps: record.routerFeeBps, protocolFeeBps: record.protocolFeeBps)
+            var burnedHere: UInt64 = 0, routerFees: UInt64 = 0, paid: UInt64 = 0
+            for (index, entry) in record.entries.enumerated() {
+                // What upheld challenges left of the entry. The spend cannot fail: the charge moved `amount` to
+                // pending at inclusion, and only this step or a revert (which lowers `amount`) takes it out again.
+                let amount = entry.amount - (record.reverted.isEmpty ? 0 : record.reverted[index])
+                guard amount > 0, escrowSpend(EscrowKey(payer: entry.payer, router: key.router), Amount(baseUnits: amount)) == nil else { continue }
+                paid += amount
+                let split = SettlementSplit(amount: amount, routerFeeBps: record.routerFeeBps, protocolFeeBps: record.protocolFeeBps)
                 burnedHere += split.protocolFee
                 routerFees += split.routerFee
                 if let routerOwner { credit(routerOwner, split.routerFee) } else { burnedHere += split.routerFee }
@@ -244,10 +252,10 @@ extension LedgerState {
                 nodeEarnings[key.router, default: [:]][record.epoch] = earning
             }
             burn(burnedHere)
-            record.status = .final
+            record.status = paid == 0 && record.upheldChallenges > 0 ? .reverted : .final
             record.entries = []
             settlements[key] = record
-            events.append(.settlementFinal(key, total: record.total, routerFees: Amount(baseUnits: routerFees), burned: Amount(baseUnits: burnedHere)))
+            events.append(.settlementFinal(key, total: Amount(baseUnits: paid), routerFees: Amount(baseUnits: routerFees), burned: Amount(baseUnits: burnedHere)))
         }
         return events
     }

@@ -84,6 +84,9 @@ public struct NodeRecord: Hashable, Sendable, Codable {
     public internal(set) var prices: PriceList = .empty
     /// A router's fee in basis points of what it settles (`set_router_fee`); 0 for other roles.
     public internal(set) var routerFeeBps: UInt32 = 0
+    /// The price list `prices` replaced: receipts priced under it stay valid leaves (a node cannot make its router's
+    /// settlement of work it did at its old prices look fraudulent by changing prices). Not in the JSON.
+    public internal(set) var priorPrices: PriceList = .empty
 
     public var nodeID: NodeID { nodeKey.nodeID }
 

@@ -64,6 +64,7 @@ extension LedgerState {
                 w.write(n.status == .active)
                 w.write(n.routerFeeBps)
                 n.prices.encode(to: &w)
+                n.priorPrices.encode(to: &w)
             }
         }
         keyed(.validator, activeValidators.map { ($0.key, []) }, key: { $0.rawRepresentation }) { key in
@@ -104,6 +105,9 @@ extension LedgerState {
                 w.write(s.status.tag)
                 w.write(UInt32(truncatingIfNeeded: s.entries.count))
                 for entry in s.entries { entry.encode(to: &w) }
+                w.write(UInt32(truncatingIfNeeded: s.reverted.count))
+                for amount in s.reverted { w.write(amount) }
+                w.write(s.upheldChallenges)
             }
         }
         keyed(.settlementCursor, settlementCursors.map { ($0.key, []) }, key: { $0.rawRepresentation }) { router in

@@ -170,6 +170,8 @@ public enum TransactionKind: Hashable, Sendable {
     case setRouterFee(SetRouterFee)
     /// A router settles one batch of countersigned receipts (docs/SETTLEMENT.md, docs/PROTOCOL.md § 12).
     case settle(SettlementBatch)
+    /// A fraud proof against a pending settlement, with a bond (docs/SETTLEMENT.md § 9).
+    case challengeSettlement(SettlementChallenge)
 
     public var name: String {
         switch self {
@@ -185,6 +187,7 @@ public enum TransactionKind: Hashable, Sendable {
         case .setPrices: "set_prices"
         case .setRouterFee: "set_router_fee"
         case .settle: "settle"
+        case .challengeSettlement: "challenge_settlement"
         }
     }
 }
@@ -262,6 +265,11 @@ extension TransactionBody: CanonicalCodable {
         case .settle(let batch):
             writer.write(UInt8(12))
             batch.encode(to: &writer)
+        case .challengeSettlement(let c):
+            writer.write(UInt8(13))
+            c.router.encode(to: &writer)
+            writer.write(c.batchNumber)
+            c.claim.encode(to: &writer)
         }
     }
 
@@ -316,7 +324,11 @@ extension TransactionBody: CanonicalCodable {
             let key = try PublicKey(from: &reader)
             kind = .setRouterFee(SetRouterFee(nodeKey: key, feeBps: try reader.readUInt32()))
         case 12: kind = .settle(try SettlementBatch(from: &reader))
-        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 12)")
+        case 13:
+            let router = try PublicKey(from: &reader)
+            let batch = try reader.readUInt64()
+            kind = .challengeSettlement(SettlementChallenge(router: router, batchNumber: batch, claim: try SettlementClaim(from: &reader)))
+        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 13)")
         }
     }
 }
@@ -351,9 +363,13 @@ public struct Transaction: Hashable, Sendable {
             body = try TransactionBody(from: &reader)
             try reader.expectEnd()
         } catch { throw .malformed(error.description) }
-        // Only a settlement batch may be larger than the ordinary limit.
-        if case .settle = body.kind {} else if bodyBytes.count > TransactionLimits.maxTransactionBytes {
-            throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)
+        // Only settlement batches and challenges (which carry receipts and witnesses) may exceed the ordinary limit.
+        switch body.kind {
+        case .settle, .challengeSettlement: break
+        default:
+            guard bodyBytes.count <= TransactionLimits.maxTransactionBytes else {
+                throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)
+            }
         }
         self.bodyBytes = bodyBytes
         self.signer = signer

@@ -69,6 +69,8 @@ public struct Devnet: Sendable {
             try models.embeddingsServer(port: layout.embeddingsPort, logPath: layout.logsDirectory + "/embeddings.log", logger: logger),
             router,
             RegistryFollower(nodeURL: layout.nodeURL, admitted: admitted, prices: priceBook, escrows: escrows, logger: logger),
+            SettlementSubmitter(client: ChainClient(baseURL: layout.nodeURL), routerKey: routerKey, store: router.settlements,
+                                inFlight: router.inFlight, logger: logger),
         ]
         var computeKeys = [SigningKey]()
         for index in 1...computeNodeCount {

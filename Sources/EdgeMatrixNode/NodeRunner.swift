@@ -1,4 +1,5 @@
 import AsyncHTTPClient
+import EdgeMatrixChain
 import EdgeMatrixCompute
 import EdgeMatrixCore
 import EdgeMatrixRouter
@@ -33,7 +34,9 @@ public enum NodeRunner {
         let router = try RouterService(configuration: configuration, key: key, admission: admitted, priceBook: priceBook,
                                        escrows: escrows, metricsText: NodeMetrics.text, logger: logger, onReady: onReady)
         let follower = RegistryFollower(nodeURL: chainURL, admitted: admitted, prices: priceBook, escrows: escrows, logger: logger)
-        let group = ServiceGroup(services: [router, follower], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        let settlement = SettlementSubmitter(client: ChainClient(baseURL: chainURL), routerKey: key, store: router.settlements,
+                                             inFlight: router.inFlight, logger: logger)
+        let group = ServiceGroup(services: [router, follower, settlement], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         try await group.run()
     }
 }

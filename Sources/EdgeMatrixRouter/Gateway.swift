@@ -111,11 +111,19 @@ public struct Gateway: Sendable {
     let epochs: any SpendEpochs
     /// The payers' escrows with this router on chain.
     let escrows: any EscrowView
+    /// Requests still being served (the receipt store holds each accepted number; the gateway releases it once the
+    /// answer is over), so settlement batches close only behind them. Nil when nothing is settled.
+    let inFlight: InFlightSequences?
+    /// The settlement batches' data (`GET /v1/settlements/...`), when the router settles.
+    let settlementData: SettlementDataRoutes?
     private let bindingLimiter = RateWindow(perSecond: 20)
 
     public init(pool: NodePool, forwarder: Forwarder, keys: APIKeyCache, receipts: ReceiptStore, routerKey: PublicKey,
                 epochs: any SpendEpochs = SingleSpendEpoch(), escrows: any EscrowView = UncheckedEscrow(),
+                inFlight: InFlightSequences? = nil, settlementData: SettlementDataRoutes? = nil,
                 metricsText: @escaping @Sendable () -> [UInt8], logger: Logger) {
+        self.inFlight = inFlight
+        self.settlementData = settlementData
         self.epochs = epochs
         self.escrows = escrows
         self.pool = pool
@@ -145,6 +153,8 @@ public struct Gateway: Sendable {
                                                                     "node_id": routerKey.nodeID.description], options: [.sortedKeys])
             return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: body)))
         }
+        // Settlement batches' data: public, outside API-key auth (docs/PROTOCOL.md § 12).
+        settlementData?.register(on: router)
         let v1 = router.group("v1").add(middleware: APIKeyMiddleware(keys: keys))
         v1.get("models") { _, _ in try await models() }
         v1.get("network/nodes") { _, _ in try await nodes() }
@@ -206,9 +216,14 @@ public struct Gateway: Sendable {
                   _ handle: (_ sequence: UInt64, _ payer: Account) async throws -> Response) async throws -> Response {
         let (sequence, payer) = try await accept(context)
         do {
+            // On success the response body releases the number once the answer is relayed (`respond`).
             return try await handle(sequence, payer)
         } catch var error as OpenAIError {
+            inFlight?.release(sequence)
             error.requestSequence = sequence
+            throw error
+        } catch {
+            inFlight?.release(sequence)
             throw error
         }
     }
@@ -285,7 +300,11 @@ public struct Gateway: Sendable {
         if isSSE { headers[.cacheControl] = "no-cache" }
         headers[HTTPField.Name.emcRequestID] = String(job.request.sequence)
         headers[HTTPField.Name.emcNode] = job.nodeID.description
+        let inFlight = inFlight
         let body = ResponseBody { writer in
+            // The answer is over (relayed, failed or abandoned): the tunnel still holds the number until its receipt
+            // is handled.
+            defer { inFlight?.release(job.request.sequence) }
             var outcome = "ok"
             do {
                 while true {

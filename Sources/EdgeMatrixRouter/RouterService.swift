@@ -55,6 +55,12 @@ public struct RouterService: Service {
     public let pool: NodePool
     public let receipts: ReceiptStore
     let database: RouterDatabase
+    /// The settlement batches closed from `receipts` (a `SettlementSubmitter` beside the router closes and sends them).
+    public let settlements: SettlementStore
+    /// Requests still being served: settlement batches close only behind them.
+    public let inFlight: InFlightSequences
+    /// Requests assigned up to this long before a restart are held after it, for as long (10 minutes).
+    static let restartHoldMillis: UInt64 = 600_000
     /// The compute nodes the chain lets serve (kept current by a registry follower beside the router).
     public let admission: RegisteredNodes
     /// The compute nodes' unit prices that assignments and receipts name.
@@ -80,13 +86,24 @@ public struct RouterService: Service {
         self.logger = logger
         self.onReady = onReady
         database = try RouterDatabase(path: configuration.databasePath)
-        receipts = ReceiptStore(database: database)
+        inFlight = InFlightSequences()
+        receipts = ReceiptStore(database: database, holds: inFlight)
+        // A restart forgets what was in flight: hold the requests assigned before it whose receipts have not come, so
+        // that no batch closes over them before their nodes reconnect and re-deliver.
+        let awaiting = try receipts.sequencesAwaitingReceipt(
+            assignedSinceMillis: wallClockMillis() - min(wallClockMillis(), Self.restartHoldMillis))
+        for sequence in awaiting { inFlight.hold(sequence, for: .milliseconds(Int64(Self.restartHoldMillis))) }
+        if !awaiting.isEmpty {
+            logger.info("holding requests assigned before the restart until their receipts come",
+                        metadata: ["count": "\(awaiting.count)", "lowest": "\(awaiting[0])"])
+        }
+        settlements = SettlementStore(database: database)
         pool = NodePool(seed: configuration.selectionSeed, limits: configuration.limits, logger: logger)
     }
 
     public func run() async throws {
         let endpoint = TunnelEndpoint(routerKey: key, pool: pool, receipts: ReceiptCollector(routerKey: key, store: receipts),
-                                      admission: admission, prices: priceBook, logger: logger)
+                                      admission: admission, prices: priceBook, inFlight: inFlight, logger: logger)
         let admission = admission
         let pool = pool
         let tls = try NodeTLS.loadOrCreate(in: configuration.dataDirectory, name: "tunnel", key: key)
@@ -99,7 +116,9 @@ public struct RouterService: Service {
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
         let gateway = Gateway(pool: pool, forwarder: Forwarder(pool: pool, policy: configuration.failover, logger: logger),
                               keys: APIKeyCache(store: APIKeyStore(database: database)), receipts: receipts, routerKey: key.publicKey,
-                              epochs: spendEpochs, escrows: escrows, metricsText: metricsText, logger: logger)
+                              epochs: spendEpochs, escrows: escrows, inFlight: inFlight,
+                              settlementData: SettlementDataRoutes(store: settlements, router: key.publicKey, logger: logger),
+                              metricsText: metricsText, logger: logger)
         let onReady = onReady
         let logger = logger
         try await withThrowingDiscardingTaskGroup { group in

@@ -112,6 +112,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
     let admission: any NodeAdmission
     let prices: any PriceBook
     let logger: Logger
+    /// Holds each assigned request's number until its receipt is handled (see `InFlightSequences`).
+    let inFlight: InFlightSequences?
     private let slotCounter = SlotCounter()
 
     /// A node must finish registering within this time of opening its control stream.
@@ -123,7 +125,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
     static let maxReportedText = 256
 
     public init(routerKey: SigningKey, pool: NodePool, receipts: ReceiptCollector, admission: any NodeAdmission,
-                prices: any PriceBook = FreePriceBook(), logger: Logger) {
+                prices: any PriceBook = FreePriceBook(), inFlight: InFlightSequences? = nil, logger: Logger) {
+        self.inFlight = inFlight
         self.prices = prices
         self.routerKey = routerKey
         self.pool = pool
@@ -257,6 +260,14 @@ public struct TunnelEndpoint: RegistrableRPCService {
                     do {
                         id = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey, assigned: nil,
                                                         relayed: nil)
+                    } catch ReceiptRefusal.refusedByStore(.alreadyBatched) {
+                        // Late, not forged: its request's batch closed before it came. Refused by id (so the node
+                        // drops it), without disconnecting an honest node.
+                        Counter(label: "emc_router_receipts_after_batch_total").increment()
+                        logger.warning("receipt refused: its sequence number is in a settlement batch already closed",
+                                       metadata: ["node": "\(nodeID.short)"])
+                        try await writer.write(.rejected(code: RouterControlMessage.receiptRefusedCode, message: Hash32.of(body + nodeSignature).hex))
+                        continue
                     } catch let refusal as ReceiptRefusal {
                         // Named by id, so an honest node whose receipt can never pass (the router lost its records)
                         // drops it instead of re-sending it, and being dropped, after every reconnect.
@@ -296,6 +307,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
         }
         guard let job else { return }
         defer { job.commandSink.finish() }
+        inFlight?.hold(job.request.sequence)
+        defer { inFlight?.release(job.request.sequence) }
         var ended = false
         var headStatus: UInt16?
         var relayedHash = StreamingHasher()
@@ -344,6 +357,12 @@ public struct TunnelEndpoint: RegistrableRPCService {
                                                                        assigned: (request.sequence, request.attempt), relayed: relayed)
                             receiptStored = true
                             job.commandSink.yield(.receiptAck(receiptID: receiptID))
+                        } catch ReceiptRefusal.refusedByStore(.alreadyBatched) {
+                            // Cannot happen while the number is held in flight, unless the hold expired: not the
+                            // node's fault. Not acknowledged; the control stream refuses it by id on re-delivery.
+                            Counter(label: "emc_router_receipts_after_batch_total").increment()
+                            logger.error("receipt refused: its sequence number is in a settlement batch already closed",
+                                         metadata: ["node": "\(session.nodeID.short)", "request": "\(request.sequence)"])
                         } catch let refusal as ReceiptRefusal {
                             throw NodeViolation(kind: refusal.kind, detail: refusal.description)
                         } catch {

@@ -166,6 +166,28 @@ public final class RouterDatabase: Sendable {
                 t.column("amount", .text).notNull()
             }
         }
+        // Settlement batches the router closed (docs/PROTOCOL.md § 12): the encoded `settle` payload, the range it
+        // covers and how far it got on chain; and what each batch takes from each payer, subtracted from
+        // `payer_unsettled` once the batch is included.
+        migrator.registerMigration("v5-settlement-batches") { db in
+            try db.create(table: "settlement_batch") { t in
+                t.primaryKey("batch", .integer)
+                t.column("first_sequence", .integer).notNull()
+                t.column("last_sequence", .integer).notNull()
+                t.column("closed_epoch", .integer).notNull()
+                t.column("encoded", .blob).notNull()
+                t.column("tx_id", .text)
+                t.column("status", .text).notNull()
+                t.column("created_at", .integer).notNull()
+            }
+            try db.create(table: "settlement_batch_payer") { t in
+                t.column("batch", .integer).notNull()
+                t.column("payer", .blob).notNull()
+                t.column("amount", .text).notNull()
+                t.primaryKey(["batch", "payer"])
+            }
+            try db.create(index: "receipt_on_sequence", on: "receipt", columns: ["sequence"])
+        }
         return migrator
     }
 }
@@ -336,6 +358,9 @@ public enum ReceiptAppendOutcome: String, Sendable, Equatable {
     case responseMismatch = "receipt_mismatch"
     /// Refused: the receipt bills more units than the relayed bytes can carry (`BilledUnits.bound`).
     case unitsAboveBound = "units_above_relayed_bound"
+    /// Refused: its sequence number is in a settlement batch the router already closed, so it can no longer be
+    /// settled (a late re-delivery; not misbehaviour by itself).
+    case alreadyBatched = "sequence_already_batched"
 }
 
 /// Append-only receipt log, the sequence numbers of accepted requests, and the assignment record receipts are
@@ -359,10 +384,16 @@ public actor ReceiptStore {
     }
 
     let database: RouterDatabase
+    /// Told of every sequence number given out before the number is durable (visible to readers), so a settlement
+    /// batch never closes over a request that has a number but is not yet known to be in flight.
+    let holds: (any AcceptedSequenceHolds)?
     private var pending: [(Operation, CheckedContinuation<Answer, any Error>)] = []
     private var flushing = false
 
-    public init(database: RouterDatabase) { self.database = database }
+    public init(database: RouterDatabase, holds: (any AcceptedSequenceHolds)? = nil) {
+        self.database = database
+        self.holds = holds
+    }
 
     /// Accepts a request: returns its sequence number, one more than the last one ever given out (durably, so a
     /// restarted router never gives a number twice and never skips one).
@@ -459,6 +490,8 @@ public actor ReceiptStore {
             let batch = pending
             pending.removeAll()
             let now = Int64(clamping: wallClockMillis())
+            let holds = holds
+            let held = HeldSequences()
             do {
                 let outcomes = try await database.pool.write { db in
                     try batch.map { operation, _ -> Result<Answer, StoreError> in
@@ -474,7 +507,12 @@ public actor ReceiptStore {
                                     return .success(.overEscrow(unsettled: unsettled, available: escrowAvailable))
                                 }
                             }
-                            return try Self.accept(keyHash: keyHash, payer: payer, epoch: epoch, now: now, in: db).map { .sequence($0) }
+                            let accepted = try Self.accept(keyHash: keyHash, payer: payer, epoch: epoch, now: now, in: db)
+                            if let holds, case .success(let sequence) = accepted {
+                                holds.hold(sequence)
+                                held.append(sequence)
+                            }
+                            return accepted.map { .sequence($0) }
                         case .assign(let assignment):
                             return try Self.insert(assignment, now: now, in: db).map { .done }
                         case .relayed(let sequence, let attempt, let relayed):
@@ -486,6 +524,8 @@ public actor ReceiptStore {
                 }
                 for ((_, continuation), outcome) in zip(batch, outcomes) { continuation.resume(with: outcome) }
             } catch {
+                // Nothing was given out: the numbers held above are not in flight.
+                for sequence in held.all { holds?.release(sequence) }
                 for (_, continuation) in batch { continuation.resume(throwing: error) }
             }
         }
@@ -544,6 +584,10 @@ public actor ReceiptStore {
         if let existing: String = row["receipt_id"] {
             return .success(existing == receipt.id.hex ? .alreadyStored : .alreadyReceipted)
         }
+        // A closed batch's range is final: a receipt stored in it now would be one the batch left out.
+        if let closed = try Int64.fetchOne(db, sql: "SELECT MAX(last_sequence) FROM settlement_batch"), sequence <= closed {
+            return .success(.alreadyBatched)
+        }
         guard Array(row["request_hash"] as Data) == body.requestHash.bytes else { return .success(.requestHashMismatch) }
         guard Array(row["payer"] as Data) == body.payer.canonicalBytes else { return .success(.payerMismatch) }
         guard Array(row["prices"] as Data) == body.prices.canonicalBytes else { return .success(.pricesMismatch) }
@@ -590,6 +634,18 @@ public actor ReceiptStore {
         try db.execute(sql: "INSERT OR REPLACE INTO payer_unsettled (payer, amount) VALUES (?, ?)",
                        arguments: [Data(body.payer.canonicalBytes), String(owedOverflow ? .max : owedTotal)])
         return .success(.stored)
+    }
+
+    /// Sequence numbers assigned to a node at or after `sinceMillis` of which no attempt has a receipt yet: after a
+    /// restart, requests whose receipts their nodes may still re-deliver.
+    public nonisolated func sequencesAwaitingReceipt(assignedSinceMillis sinceMillis: UInt64) throws -> [UInt64] {
+        try database.pool.read { db in
+            try Int64.fetchAll(db, sql: """
+                SELECT DISTINCT sequence FROM assignment a WHERE assigned_at_ms >= ?
+                AND NOT EXISTS (SELECT 1 FROM assignment b WHERE b.sequence = a.sequence AND b.receipt_id IS NOT NULL)
+                ORDER BY sequence
+                """, arguments: [Int64(clamping: sinceMillis)])
+        }.map { UInt64(clamping: $0) }
     }
 
     /// The last sequence number given out (0 before the first request).
