@@ -90,6 +90,7 @@ struct ChainAPI: Sendable {
                 "mempool_size": node.mempool.count,
                 "peers_connected": node.peers.connectedCount,
                 "total_supply": s.ledger.totalSupply.description,
+                "burned": s.ledger.burned.description,
             ] as [String: Any])
         }
         router.get("/blocks") { request, _ in

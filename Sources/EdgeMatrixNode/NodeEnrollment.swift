@@ -98,6 +98,17 @@ public struct NodeEnrollment: Sendable {
         try await commit(.setPrices(SetPrices(nodeKey: node, prices: prices.sorted)), chainID: try await client.chainID(), what: "set prices")
     }
 
+    /// Makes router `node`'s registered fee `bps` (sends `set_router_fee` only when the chain holds another fee).
+    public func ensureRouterFee(node: PublicKey, bps: UInt32, progress: @Sendable (String) -> Void = { _ in }) async throws {
+        let registered = try await client.nodes().first { $0["node_key"] as? String == node.hex }
+        if let registered, (registered["router_fee_bps"] as? NSNumber)?.uint32Value == bps {
+            progress("router fee of node \(node.nodeID) already \(bps) bps")
+            return
+        }
+        progress("setting the router fee of node \(node.nodeID) to \(bps) bps")
+        try await commit(.setRouterFee(SetRouterFee(nodeKey: node, feeBps: bps)), chainID: try await client.chainID(), what: "set router fee")
+    }
+
     /// The newest bonded stake of `role` owned by the owner, not backing a node, of at least `amount`.
     private func unusedStake(role: NodeRole, atLeast amount: Amount, used: Set<UInt64>) async throws -> UInt64? {
         let stakes = try await client.stakes(ownedBy: owner.publicKey)
@@ -129,6 +140,8 @@ struct DevnetEnrollment: Service {
         PriceEntry(name: PriceList.wildcard, perMillionPromptTokens: Amount(baseUnits: 50_000_000),
                    perMillionCompletionTokens: Amount(baseUnits: 150_000_000), perEmbeddingInput: Amount(baseUnits: 10_000)),
     ])
+    /// The devnet router's fee: 2.5% of what it settles.
+    static let routerFeeBps: UInt32 = 250
     let client: ChainClient
     let owner: SigningKey
     let router: (key: SigningKey, tunnelAddress: String)
@@ -144,6 +157,7 @@ struct DevnetEnrollment: Service {
             let requirement = LedgerParameters.standard.staking
             try await enrollment.enroll(node: router.key, role: .router, stake: requirement.router.minimumStake,
                                         lockDays: requirement.router.minimumLockDays, endpoints: [router.tunnelAddress]) { say("chain: " + $0) }
+            try await enrollment.ensureRouterFee(node: router.key.publicKey, bps: Self.routerFeeBps) { say("chain: " + $0) }
             for node in computeNodes {
                 try await enrollment.enroll(node: node, role: .compute, stake: Amount(emc: 1_000), lockDays: 30, endpoints: []) { say("chain: " + $0) }
                 try await enrollment.ensurePrices(node: node.publicKey, prices: Self.computePrices) { say("chain: " + $0) }
