@@ -16,10 +16,17 @@ public final class InFlightSequences: AcceptedSequenceHolds, Sendable {
     }
 
     private let holders = Mutex<[UInt64: Entry]>([:])
+    /// Numbers held since a restart (`holdUntilReceipt`), with the nodes they were assigned to: their first stored
+    /// receipt releases them, and so does the end of the grace after each such node has reconnected.
+    private let restored = Mutex<[UInt64: Set<String>]>([:])
+    /// How long after a node reconnects its restored numbers still hold: it re-delivers its receipts right after
+    /// registering, so what has not come by then is not coming (the answer was cancelled before any byte).
+    public let reconnectGrace: Duration
     public let maxHoldAge: Duration
 
-    public init(maxHoldAge: Duration = .seconds(3600)) {
+    public init(maxHoldAge: Duration = .seconds(3600), reconnectGrace: Duration = .seconds(30)) {
         self.maxHoldAge = maxHoldAge
+        self.reconnectGrace = reconnectGrace
     }
 
     public func hold(_ sequence: UInt64) {
@@ -37,6 +44,42 @@ public final class InFlightSequences: AcceptedSequenceHolds, Sendable {
                 holders[sequence] = entry
             } else {
                 holders[sequence] = Entry(count: 1, expires: expires)
+            }
+        }
+    }
+
+    /// Holds a number assigned before a restart until a receipt of it is stored, or `duration` passes: the
+    /// process that held it is gone, and its node re-delivers the receipt when it reconnects.
+    public func holdUntilReceipt(_ sequence: UInt64, node: String, for duration: Duration) {
+        let first = restored.withLock { restored in
+            defer { restored[sequence, default: []].insert(node) }
+            return restored[sequence] == nil
+        }
+        if first { hold(sequence, for: duration) }
+    }
+
+    public func receiptStored(_ sequence: UInt64) {
+        if restored.withLock({ $0.removeValue(forKey: sequence) }) != nil { release(sequence) }
+    }
+
+    /// Node `node` registered again: numbers restored for it (and only for nodes that are all back) hold for at most
+    /// `reconnectGrace` more.
+    public func nodeRegistered(_ node: String) {
+        let deadline = ContinuousClock.now + reconnectGrace
+        let due: [UInt64] = restored.withLock { restored in
+            var due: [UInt64] = []
+            for (sequence, nodes) in restored where nodes.contains(node) {
+                let waiting = nodes.subtracting([node])
+                restored[sequence] = waiting.isEmpty ? [] : waiting
+                if waiting.isEmpty { due.append(sequence) }
+            }
+            return due
+        }
+        holders.withLock { holders in
+            for sequence in due {
+                guard var entry = holders[sequence] else { continue }
+                entry.expires = min(entry.expires, deadline)
+                holders[sequence] = entry
             }
         }
     }

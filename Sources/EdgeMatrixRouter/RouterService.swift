@@ -92,10 +92,12 @@ public struct RouterService: Service {
         // that no batch closes over them before their nodes reconnect and re-deliver.
         let awaiting = try receipts.sequencesAwaitingReceipt(
             assignedSinceMillis: wallClockMillis() - min(wallClockMillis(), Self.restartHoldMillis))
-        for sequence in awaiting { inFlight.hold(sequence, for: .milliseconds(Int64(Self.restartHoldMillis))) }
-        if !awaiting.isEmpty {
-            logger.info("holding requests assigned before the restart until their receipts come",
-                        metadata: ["count": "\(awaiting.count)", "lowest": "\(awaiting[0])"])
+        for (sequence, node) in awaiting {
+            inFlight.holdUntilReceipt(sequence, node: node, for: .milliseconds(Int64(Self.restartHoldMillis)))
+        }
+        if let lowest = awaiting.first {
+            logger.info("holding requests assigned before the restart until their nodes reconnect and re-deliver receipts",
+                        metadata: ["count": "\(awaiting.count)", "lowest": "\(lowest.sequence)"])
         }
         settlements = SettlementStore(database: database)
         pool = NodePool(seed: configuration.selectionSeed, limits: configuration.limits, logger: logger)

@@ -242,6 +242,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
             try await reject(writer, code: "misbehaviour_cooldown", "this node broke the tunnel protocol recently; retry later")
         }
         registered.set()
+        inFlight?.nodeRegistered(nodeID.description)
         var statusWindow = (start: ContinuousClock.now, count: 0)
         do {
             try await writer.write(.accepted(sessionToken: token))

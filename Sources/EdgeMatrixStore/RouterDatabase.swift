@@ -522,7 +522,12 @@ public actor ReceiptStore {
                         }
                     }
                 }
-                for ((_, continuation), outcome) in zip(batch, outcomes) { continuation.resume(with: outcome) }
+                for ((operation, continuation), outcome) in zip(batch, outcomes) {
+                    if case .receipt(let receipt, _) = operation, case .success(.receipt(.stored)) = outcome {
+                        holds?.receiptStored(receipt.body.sequence)
+                    }
+                    continuation.resume(with: outcome)
+                }
             } catch {
                 // Nothing was given out: the numbers held above are not in flight.
                 for sequence in held.all { holds?.release(sequence) }
@@ -636,16 +641,16 @@ public actor ReceiptStore {
         return .success(.stored)
     }
 
-    /// Sequence numbers assigned to a node at or after `sinceMillis` of which no attempt has a receipt yet: after a
-    /// restart, requests whose receipts their nodes may still re-deliver.
-    public nonisolated func sequencesAwaitingReceipt(assignedSinceMillis sinceMillis: UInt64) throws -> [UInt64] {
+    /// Sequence numbers assigned to a node at or after `sinceMillis` of which no attempt has a receipt yet, with the
+    /// node of each attempt: after a restart, requests whose receipts their nodes may still re-deliver.
+    public nonisolated func sequencesAwaitingReceipt(assignedSinceMillis sinceMillis: UInt64) throws -> [(sequence: UInt64, node: String)] {
         try database.pool.read { db in
-            try Int64.fetchAll(db, sql: """
-                SELECT DISTINCT sequence FROM assignment a WHERE assigned_at_ms >= ?
+            try Row.fetchAll(db, sql: """
+                SELECT sequence, node_id FROM assignment a WHERE assigned_at_ms >= ?
                 AND NOT EXISTS (SELECT 1 FROM assignment b WHERE b.sequence = a.sequence AND b.receipt_id IS NOT NULL)
-                ORDER BY sequence
+                ORDER BY sequence, attempt
                 """, arguments: [Int64(clamping: sinceMillis)])
-        }.map { UInt64(clamping: $0) }
+        }.map { row in (UInt64(clamping: row["sequence"] as Int64), row["node_id"] as String) }
     }
 
     /// The last sequence number given out (0 before the first request).

@@ -9,6 +9,12 @@ import Synchronization
 public protocol AcceptedSequenceHolds: Sendable {
     func hold(_ sequence: UInt64)
     func release(_ sequence: UInt64)
+    /// A receipt of `sequence` is now durable (a hold kept across a restart for it may end).
+    func receiptStored(_ sequence: UInt64)
+}
+
+extension AcceptedSequenceHolds {
+    public func receiptStored(_ sequence: UInt64) {}
 }
 
 /// The numbers one group commit held, to release them if the commit fails.

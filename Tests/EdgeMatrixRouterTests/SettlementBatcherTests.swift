@@ -269,6 +269,23 @@ struct SettlementBatcherTests {
                                           admission: RegisteredNodes(), metricsText: { [] })
         #expect(!restarted.inFlight.isHeld(1) && restarted.inFlight.isHeld(2) && restarted.inFlight.isHeld(3) && !restarted.inFlight.isHeld(4))
         #expect(restarted.inFlight.batchUpperBound(lastAccepted: 4) == 1)
+        // The node re-delivers request 2's receipt: its hold ends; 3 still holds the batch back.
+        restarted.inFlight.receiptStored(2)
+        #expect(!restarted.inFlight.isHeld(2) && restarted.inFlight.batchUpperBound(lastAccepted: 4) == 2)
+        restarted.inFlight.receiptStored(2)  // a second receipt (another attempt) releases nothing more
+        restarted.inFlight.receiptStored(3)
+        #expect(restarted.inFlight.batchUpperBound(lastAccepted: 4) == 4)
+
+        // A number whose answer was cancelled by the crash never gets a receipt: once every node it was assigned
+        // to has reconnected (and re-delivered what it had), it holds only for the grace (here none).
+        let holds = InFlightSequences(reconnectGrace: .zero)
+        holds.holdUntilReceipt(5, node: "a", for: .seconds(600))
+        holds.holdUntilReceipt(5, node: "b", for: .seconds(600))
+        #expect(holds.batchUpperBound(lastAccepted: 9) == 4)
+        holds.nodeRegistered("a")
+        #expect(holds.batchUpperBound(lastAccepted: 9) == 4)  // attempt 2's node is not back yet
+        holds.nodeRegistered("b")
+        #expect(holds.batchUpperBound(lastAccepted: 9) == 9)
     }
 
     // Bug caught: a receipt stored between reading the range and recording the batch left out of the batch.
