@@ -838,6 +838,52 @@ extension Query {
     }
 }
 
+// MARK: - Audit
+
+struct Audit: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Check what a router settled against your account, batch by batch.",
+        discussion: """
+        For every settlement batch of the router on chain, fetches the batch and your leaves from the router's \
+        data-availability API (GET /v1/settlements/...) and checks: the batch is the one on chain (same \
+        commitment); each leaf is a receipt signed by its compute node and countersigned by the router, for your \
+        account, charging exactly its units × its prices, and inside its entry's Merkle-sum tree. With --log, each \
+        leaf must also be a request your client received: the log holds the x-emc-request-id of every answer, one per \
+        line (a bare number, or a JSON object with "id"). A leaf that is not in your log is a request you never made: \
+        evidence to publish. Prints a verdict per batch (--json: an array of {batch, status, leaves, charged, \
+        charged_base_units, verdict: ok|fault, findings: [{code, sequence, message}]}). Exits 1 when any batch has a \
+        finding.
+        """)
+    @Option(help: "Your account: its key file, 64 hex digits, or ICRC-1 account text.") var account: String
+    @Option(help: "The router's HTTP address, e.g. http://127.0.0.1:8080 (its OpenAI base URL works too).") var router: String
+    @Option(help: "Your client's log of x-emc-request-id values, one per line.") var log: String?
+    @OptionGroup var node: NodeOption
+    @OptionGroup var output: OutputOption
+
+    func run() async throws {
+        let account = try parseAccountArgument(account)
+        let clientLog: Set<UInt64>?
+        if let log {
+            guard let text = try? String(contentsOfFile: absolute(log), encoding: .utf8) else { throw CLIError("--log \(log): cannot read the file") }
+            clientLog = try PayerAudit.requestIDs(inLog: text)
+        } else {
+            clientLog = nil
+        }
+        let verdicts = try await PayerAudit(chain: try node.client(), routerURL: router, account: account).run(clientLog: clientLog)
+        if output.json {
+            printJSON(verdicts.map(\.json))
+        } else if verdicts.isEmpty {
+            say("the router has no settlement batches on chain")
+        } else {
+            printTable(["BATCH", "STATUS", "LEAVES", "CHARGED (EMC)", "VERDICT"], verdicts.map { v in
+                ["\(v.batch)", v.status, "\(v.leaves)", Amount(baseUnits: v.charged).description, v.ok ? "ok" : "FAULT"]
+            })
+            for v in verdicts { for f in v.findings { say("batch \(v.batch): \(f.code): \(f.message)") } }
+        }
+        if verdicts.contains(where: { !$0.ok }) { throw ExitCode(1) }
+    }
+}
+
 // MARK: - Benchmarks
 
 struct Bench: AsyncParsableCommand {

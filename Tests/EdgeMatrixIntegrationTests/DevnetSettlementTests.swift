@@ -1,6 +1,7 @@
 import EdgeMatrixChain
 import EdgeMatrixCore
 import EdgeMatrixLedger
+import EdgeMatrixNode
 import Foundation
 import Testing
 
@@ -143,6 +144,38 @@ extension Integration {
             }
             let routerEarnings = try await chain.earnings(of: routerKey)
             #expect(routerEarnings.reduce(UInt64(0)) { $0 + (($1["router_income_base_units"] as? NSNumber)?.uint64Value ?? 0) } == routerFees)
+
+            // `emc audit` with the client's own log: every batch is ok, and together they charge what was paid.
+            // Catches: an audit that flags honest batches, or that misses leaves (a charged total below the escrow's).
+            let logPath = directory + "/client.jsonl"
+            func audit(log ids: [UInt64]) throws -> CLIRun {
+                try ids.map { "{\"id\": \($0)}" }.joined(separator: "\n").write(toFile: logPath, atomically: true, encoding: .utf8)
+                return try CLIRun.emc(["audit", "--account", try exported("EMC_FUNDED_KEY"), "--router", try exported("OPENAI_BASE_URL"),
+                                       "--log", logPath, "--node", chain.baseURL, "--json"])
+            }
+            let clean = try audit(log: ids)
+            #expect(clean.status == 0, "\(clean)")
+            #expect(clean.array.count == settlements.count && clean.array.allSatisfy { $0["verdict"] as? String == "ok" }, "\(clean)")
+            #expect(clean.array.reduce(UInt64(0)) { $0 + (($1["charged_base_units"] as? NSNumber)?.uint64Value ?? 0) } == total)
+            #expect(clean.array.reduce(0) { $0 + (($1["leaves"] as? Int) ?? 0) } == ids.count)
+            // A log without one request: the router charged for a request the client never received, and the audit
+            // says so, naming it. Catches: an audit that never compares with the client's log.
+            let dropped = ids[0]
+            let flagged = try audit(log: Array(ids.dropFirst()))
+            #expect(flagged.status == 1, "\(flagged)")
+            let findings = flagged.array.flatMap { ($0["findings"] as? [[String: Any]]) ?? [] }
+            #expect(findings.count == 1 && findings.first?["code"] as? String == "not_in_client_log"
+                    && (findings.first?["sequence"] as? NSNumber)?.uint64Value == dropped, "\(flagged)")
+        }
+
+        // Catches: a client log line silently skipped (a request the audit then cannot vouch for) or a hostile line
+        // (negative, huge, not a number) trapping or being read as some id.
+        @Test("emc audit reads a client log of request ids line by line and names the first bad line")
+        func clientLog() throws {
+            #expect(try PayerAudit.requestIDs(inLog: "1\n{\"id\": 2}\n\n  {\"request_id\": \"3\"}\n{\"x-emc-request-id\": 4, \"kind\": \"chat\"}\n") == [1, 2, 3, 4])
+            for bad in ["-1", "18446744073709551616", "{\"id\": -5}", "{\"id\": 1.5e40}", "{\"kind\": \"chat\"}", "[1]", "nope"] {
+                #expect(throws: PayerAuditError.self, "\(bad)") { try PayerAudit.requestIDs(inLog: "7\n" + bad) }
+            }
         }
 
         /// The funded account's balance, its escrow with the router, and the chain's burned total, in base units.
