@@ -28,7 +28,17 @@ public struct ChainClient: Sendable {
     public let baseURL: String
     let http: HTTPClient
 
-    public init(baseURL: String, http: HTTPClient = .shared) {
+    /// One process-wide client that fails at once when a node refuses the connection (instead of retrying until
+    /// the request's deadline), so that callers who poll the chain, such as a router settling while every
+    /// validator is away, keep their own cadence.
+    public static let defaultHTTP: HTTPClient = {
+        var configuration = HTTPClient.Configuration()
+        configuration.connectionPool.retryConnectionEstablishment = false
+        configuration.timeout.connect = .seconds(5)
+        return HTTPClient(eventLoopGroupProvider: .singleton, configuration: configuration)
+    }()
+
+    public init(baseURL: String, http: HTTPClient = ChainClient.defaultHTTP) {
         var url = baseURL
         while url.hasSuffix("/") { url.removeLast() }
         self.baseURL = url

@@ -54,6 +54,11 @@ public struct SettlementSubmitter: Service {
         public var reachable = false
         /// When the last batch was closed by this process (to close by wall time while the chain is away).
         var lastCloseAt: ContinuousClock.Instant?
+        /// When the chain was last read.
+        var lastReachableAt: ContinuousClock.Instant?
+        /// The chain's settlement cursor for this router, as last read while the store held no batch: where the
+        /// first batch starts, should the chain go away before it closes.
+        var cursor: (nextBatch: UInt64, nextSequence: UInt64)?
         var ticks = 0
         var failuresInARow = 0
         var closeFailuresInARow = 0
@@ -128,6 +133,7 @@ public struct SettlementSubmitter: Service {
             }
             view.height = height
             view.reachable = view.chainID != nil
+            view.lastReachableAt = .now
         } catch is CancellationError {
             view.reachable = false
         } catch {
@@ -153,20 +159,31 @@ public struct SettlementSubmitter: Service {
             } else {
                 // Nothing stored: start where the chain says this router's next batch starts.
                 let cursor = try await client.settlementCursor(router: routerKey.publicKey)
+                view.cursor = cursor
                 next = (cursor.nextBatch, cursor.nextSequence)
             }
             epoch = current
         } else {
-            // The chain is away: close by wall time, from the last values read.
-            guard let last, let epochLength = view.epochLength else { return }
+            // The chain is away: close by wall time, an epoch's worth after the last close (or after the chain was
+            // last read), from the last values read.
+            guard let epochLength = view.epochLength else { return }
             let epochTime = Self.assumedBlockTime * Int(clamping: epochLength)
-            if let lastCloseAt = view.lastCloseAt {
-                guard ContinuousClock.now - lastCloseAt >= epochTime else { return }
-            } else {
+            if let reference = view.lastCloseAt ?? view.lastReachableAt {
+                guard ContinuousClock.now - reference >= epochTime else { return }
+            } else if let last {
                 guard Self.millisecondsSince(last.createdAtMillis) >= UInt64(clamping: epochLength) * 1000 else { return }
+            } else {
+                return
             }
-            next = (last.batch + 1, last.lastSequence + 1)
-            epoch = last.closedEpoch + 1
+            if let last {
+                next = (last.batch + 1, last.lastSequence + 1)
+                epoch = last.closedEpoch + 1
+            } else if let cursor = view.cursor {
+                next = (cursor.nextBatch, cursor.nextSequence)
+                epoch = (view.epoch ?? 0) + 1
+            } else {
+                return  // never read where this router's batches start
+            }
         }
         let lastAccepted = try await store.lastAcceptedSequence()
         let upper = inFlight.batchUpperBound(lastAccepted: lastAccepted)

@@ -347,10 +347,12 @@ final class TestNetwork: @unchecked Sendable {
         return String(decoding: data, as: UTF8.self)
     }
 
-    func startRouter() async throws {
+    /// Starts the router, following the test chain (or the validator API at `chainURL`).
+    func startRouter(chainURL: String? = nil) async throws {
+        let chain = if let chainURL { chainURL } else { try await RegistryChain.shared.url() }
         router = try TestProcess(name: "router", executable: Harness.emcBinary, arguments: [
             "node", "--role", "router", "--data-dir", routerDirectory, "--http-port", String(httpPort),
-            "--tunnel-port", String(tunnelPort), "--seed", "7", "--chain", try await RegistryChain.shared.url(),
+            "--tunnel-port", String(tunnelPort), "--seed", "7", "--chain", chain,
         ], logDirectory: root)
         try await Harness.eventually(timeout: .seconds(30), "router /health") {
             try await Harness.request(.GET, "http://127.0.0.1:\(httpPort)/health", timeout: .seconds(1)).status == 200
