@@ -160,9 +160,11 @@ public final class ComputeNode: Service, WorkServer {
             return
         }
         let isSSE = answer.contentType.hasPrefix("text/event-stream")
-        // The app reports usage; the node bills no more than the bytes it relayed can carry (the router checks the same).
+        // The app reports usage; the node bills no more than the bytes it relayed can carry, nor than the request's own
+        // bound that the router reserved (max_tokens, inputs); the router checks the same.
         let units = BilledUnits.billed(reported: app.meter(work, answer: collected, isSSE: isSSE),
-                                       requestBytes: UInt64(work.body.count), responseBytes: relayedBytes)
+                                       requestBytes: UInt64(work.body.count), responseBytes: relayedBytes,
+                                       requestBound: RequestBound.units(path: work.path, body: work.body))
         let body = ReceiptBody(payer: work.payer, router: router, node: key.publicKey, sequence: work.sequence, attempt: work.attempt,
                                app: work.app, model: work.model, prices: work.prices, units: units, startedAtMillis: started,
                                endedAtMillis: wallClockMillis(), requestHash: requestHash, responseHash: hasher.finalize(),

@@ -17,6 +17,12 @@ public struct WorkUnits: Hashable, Sendable, Codable {
         case items
     }
 
+    /// Per field, the smaller of the two.
+    public func fieldwiseMin(_ other: WorkUnits) -> WorkUnits {
+        WorkUnits(promptTokens: min(promptTokens, other.promptTokens), completionTokens: min(completionTokens, other.completionTokens),
+                  items: min(items, other.items))
+    }
+
     /// Whether no field is above the same field of `bound`.
     public func isWithin(_ bound: WorkUnits) -> Bool {
         promptTokens <= bound.promptTokens && completionTokens <= bound.completionTokens && items <= bound.items
@@ -41,12 +47,18 @@ public enum BilledUnits {
                   items: max(1, requestBytes))
     }
 
+    /// The bound of the relayed bytes, tightened by `requestBound` (`RequestBound.units` of the forwarded request,
+    /// what the router reserved against the payer's escrow) where given.
+    public static func bound(requestBytes: UInt64, responseBytes: UInt64, requestBound: WorkUnits?) -> WorkUnits {
+        let relayed = bound(requestBytes: requestBytes, responseBytes: responseBytes)
+        guard let requestBound else { return relayed }
+        return relayed.fieldwiseMin(requestBound)
+    }
+
     /// What a node signs: per field, min(reported, bound).
-    public static func billed(reported: WorkUnits, requestBytes: UInt64, responseBytes: UInt64) -> WorkUnits {
-        let bound = bound(requestBytes: requestBytes, responseBytes: responseBytes)
-        return WorkUnits(promptTokens: min(reported.promptTokens, bound.promptTokens),
-                         completionTokens: min(reported.completionTokens, bound.completionTokens),
-                         items: min(reported.items, bound.items))
+    public static func billed(reported: WorkUnits, requestBytes: UInt64, responseBytes: UInt64,
+                              requestBound: WorkUnits? = nil) -> WorkUnits {
+        reported.fieldwiseMin(bound(requestBytes: requestBytes, responseBytes: responseBytes, requestBound: requestBound))
     }
 }
 

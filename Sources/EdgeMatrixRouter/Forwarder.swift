@@ -25,8 +25,9 @@ public struct Forwarder: Sendable {
 
     /// `bodyBytes` is what the request holds in memory while it waits for a free slot (the wait queue is bounded by it).
     /// `makeRequest` builds the request for the chosen node's app and the attempt index (0 for the first node, one
-    /// more for each node it fails over to): each attempt gets a receipt of its own.
-    public func start(route: WorkRoute, bodyBytes: Int = 0,
+    /// more for each node it fails over to): each attempt gets a receipt of its own. With `eligible`, only those nodes
+    /// may serve (the request's admission priced them).
+    public func start(route: WorkRoute, bodyBytes: Int = 0, eligible: Set<NodeID>? = nil,
                       makeRequest: @escaping @Sendable (_ appName: String, _ attempt: UInt32) -> WorkRequest) async throws(OpenAIError) -> StartedAnswer {
         let started = pool.nowMs()
         var tried = Set<NodeID>()
@@ -37,7 +38,7 @@ public struct Forwarder: Sendable {
             // Each loop assigns at most one job, so the attempts made so far number this one.
             let attemptIndex = UInt32(clamping: attempt)
             let makeRequest: @Sendable (String) -> WorkRequest = { app in makeRequest(app, attemptIndex) }
-            let assignment = await pool.assign(route: route, excluding: tried, makeRequest: makeRequest)
+            let assignment = await pool.assign(route: route, excluding: tried, eligible: eligible, makeRequest: makeRequest)
             let job: WorkJob
             switch assignment {
             case .success(let assigned):
@@ -52,7 +53,7 @@ public struct Forwarder: Sendable {
             case .failure(.noCapacity):
                 // Capacity returns as soon as a node reopens a Work stream: wait in the FIFO queue within the deadline.
                 guard elapsed < policy.deadlineMs else { throw .noCapacity() }
-                switch await pool.waitForSlot(route: route, excluding: tried, bodyBytes: bodyBytes,
+                switch await pool.waitForSlot(route: route, excluding: tried, eligible: eligible, bodyBytes: bodyBytes,
                                               timeoutMs: policy.deadlineMs - elapsed, makeRequest: makeRequest) {
                 case .assigned(let assigned): job = assigned
                 case .timedOut: throw .noCapacity()

@@ -111,6 +111,8 @@ public struct Gateway: Sendable {
     let epochs: any SpendEpochs
     /// The payers' escrows with this router on chain.
     let escrows: any EscrowView
+    /// The compute nodes' prices: admission prices a request's worst case at each node that could serve it.
+    let prices: any PriceBook
     /// Requests still being served (the receipt store holds each accepted number; the gateway releases it once the
     /// answer is over), so settlement batches close only behind them. Nil when nothing is settled.
     let inFlight: InFlightSequences?
@@ -120,8 +122,9 @@ public struct Gateway: Sendable {
 
     public init(pool: NodePool, forwarder: Forwarder, keys: APIKeyCache, receipts: ReceiptStore, routerKey: PublicKey,
                 epochs: any SpendEpochs = SingleSpendEpoch(), escrows: any EscrowView = UncheckedEscrow(),
-                inFlight: InFlightSequences? = nil, settlementData: SettlementDataRoutes? = nil,
-                metricsText: @escaping @Sendable () -> [UInt8], logger: Logger) {
+                prices: any PriceBook = FreePriceBook(), inFlight: InFlightSequences? = nil,
+                settlementData: SettlementDataRoutes? = nil, metricsText: @escaping @Sendable () -> [UInt8], logger: Logger) {
+        self.prices = prices
         self.inFlight = inFlight
         self.settlementData = settlementData
         self.epochs = epochs
@@ -188,8 +191,10 @@ public struct Gateway: Sendable {
         return Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(bytes: body)))
     }
 
-    /// Accepts a request on an authenticated key: allocates its sequence number, durably, and names its payer.
-    func accept(_ context: RouterRequestContext) async throws -> (sequence: UInt64, payer: Account) {
+    /// Accepts a request on an authenticated key: allocates its sequence number, durably, and names its payer. Unless
+    /// the payer is the router's own account, the request's worst-case cost is reserved against the payer's escrow in
+    /// the same step (docs/SETTLEMENT.md § 8).
+    func accept(_ context: RouterRequestContext, worstCost: UInt64) async throws -> (sequence: UInt64, payer: Account) {
         guard let key = context.apiKey else { throw OpenAIError.invalidAPIKey() }
         // A key from before bindings bills the router's own account; every other key exactly its binding's account.
         let payer = key.account ?? Account(owner: routerKey)
@@ -198,44 +203,87 @@ public struct Gateway: Sendable {
             // The router's own account (operator keys) has no escrow with itself: its use is not settled.
             let escrowAvailable = payer.owner == routerKey && payer.subaccount == nil ? nil : escrows.available(payer: payer)
             acceptance = try await receipts.accept(keyHash: key.keyHash, payer: payer, epoch: epochs.current(),
-                                                   spendLimit: key.spendLimitPerEpoch, escrowAvailable: escrowAvailable)
+                                                   spendLimit: key.spendLimitPerEpoch, escrowAvailable: escrowAvailable,
+                                                   worstCost: worstCost)
         } catch {
             logger.error("cannot record an accepted request", metadata: ["error": "\(error)"])
             throw OpenAIError.storeUnavailable()
         }
         switch acceptance {
         case .accepted(let sequence): return (sequence, payer)
-        case .overLimit(let spent): throw OpenAIError.insufficientQuota(spent: spent, limit: key.spendLimitPerEpoch)
-        case .overEscrow(let unsettled, let available):
-            throw OpenAIError.insufficientEscrow(unsettled: unsettled, available: available, router: routerKey)
+        case .overLimit(let spent):
+            Counter(label: "emc_router_admission_refused_total", dimensions: [("reason", "spend_limit")]).increment()
+            throw OpenAIError.insufficientQuota(spent: spent, limit: key.spendLimitPerEpoch)
+        case .overEscrow(let unsettled, let reserved, let worst, let available):
+            Counter(label: "emc_router_admission_refused_total", dimensions: [("reason", "escrow")]).increment()
+            throw OpenAIError.insufficientEscrow(unsettled: unsettled, reserved: reserved, worst: worst, available: available,
+                                                 router: routerKey)
         }
     }
 
     /// Runs a work route's handler for an accepted request: every answer, errors included, names its sequence number.
-    func accepted(_ context: RouterRequestContext,
+    func accepted(_ context: RouterRequestContext, worstCost: UInt64,
                   _ handle: (_ sequence: UInt64, _ payer: Account) async throws -> Response) async throws -> Response {
-        let (sequence, payer) = try await accept(context)
+        let (sequence, payer) = try await accept(context, worstCost: worstCost)
         do {
-            // On success the response body releases the number once the answer is relayed (`respond`).
+            // On success the response body releases the number once the answer is relayed, and the reservation ends
+            // once the tunnel has handled the answer's receipt (`respond`).
             return try await handle(sequence, payer)
         } catch var error as OpenAIError {
             inFlight?.release(sequence)
+            await receipts.releaseReservation(sequence)
             error.requestSequence = sequence
             throw error
         } catch {
             inFlight?.release(sequence)
+            await receipts.releaseReservation(sequence)
             throw error
         }
     }
 
-    func openAI(_ request: Request, context: RouterRequestContext, path: String, route: String) async throws -> Response {
-        try await accepted(context) { sequence, payer in
-            try await openAI(request, path: path, route: route, sequence: sequence, payer: payer)
+    /// What admission decided about a request's price: the nodes it may go to and its worst-case cost there.
+    struct Priced {
+        var eligible: Set<NodeID>
+        var worstCost: UInt64
+    }
+
+    /// Prices the request's worst case (`bound`) at every node serving the route now: a node whose worst case is above
+    /// `maxPrice` is left out; the request reserves the highest worst case among the rest (nothing served: 0, and the
+    /// forwarder answers that the model or app is not served). A cost beyond 64 bits counts as 2^64 − 1.
+    func price(route: WorkRoute, model: String, path: String, bound: WorkUnits, maxPrice: UInt64?) async throws -> Priced {
+        var costs = [NodeID: UInt64]()
+        for (node, app) in await pool.servers(of: route) {
+            costs[node] = await prices.prices(node: node, app: app, model: model, path: path).cost(of: bound) ?? .max
+        }
+        let eligible = costs.filter { node in maxPrice.map { node.value <= $0 } ?? true }
+        if let maxPrice, eligible.isEmpty, let cheapest = costs.values.min() {
+            Counter(label: "emc_router_admission_refused_total", dimensions: [("reason", "max_price")]).increment()
+            throw OpenAIError.noNodeWithinMaxPrice(maxPrice: maxPrice, cheapest: cheapest)
+        }
+        return Priced(eligible: Set(eligible.keys), worstCost: eligible.values.max() ?? 0)
+    }
+
+    /// `X-EMC-Max-Price`: the most this request may cost, in EMC (docs/PROTOCOL.md § 8.1). Nil when absent.
+    static func maxPrice(_ headers: HTTPFields) throws -> UInt64? {
+        guard let text = headers[HTTPField.Name.emcMaxPrice] else { return nil }
+        guard text.utf8.count <= 32 else {
+            throw OpenAIError.invalidMaxPrice("X-EMC-Max-Price must be an EMC amount such as 0.002 (at most 32 characters)")
+        }
+        do { return try Amount(parsing: text).baseUnits } catch {
+            throw OpenAIError.invalidMaxPrice("X-EMC-Max-Price: \(error.description)")
         }
     }
 
-    func openAI(_ request: Request, path: String, route: String, sequence: UInt64, payer: Account) async throws -> Response {
-        let started = ContinuousClock.now
+    /// An OpenAI request's body as the gateway forwards it, and what admission needs to know of it.
+    struct OpenAIBody {
+        var model: String
+        var stream: Bool
+        /// The bytes forwarded: the client's, with `max_tokens` added where it named no completion limit.
+        var forwarded: [UInt8]
+        var bound: WorkUnits
+    }
+
+    func openAIBody(_ request: Request, path: String) async throws -> OpenAIBody {
         let bytes = try await readBody(request, limit: Self.maxBodyBytes)
         let object: [String: Any]
         do {
@@ -257,36 +305,63 @@ public struct Gateway: Sendable {
             }
             stream = flag
         }
-        let isStream = stream
-        // Prices are filled in for the chosen node when the tunnel hands it the request.
-        let answer = try await forwarder.start(route: .model(model), bodyBytes: bytes.count) { app, attempt in
-            WorkRequest(requestID: String(sequence), app: app, model: model, method: "POST", path: path,
-                        contentType: "application/json", body: bytes, stream: isStream, sequence: sequence, attempt: attempt,
-                        payer: payer, prices: .free)
+        // The router's completion ceiling is the app's too: without it the app could generate past what was reserved
+        // (the node would bill no more, but would work unpaid).
+        var forwarded = bytes
+        if path != "/v1/embeddings", let limited = RequestBound.withDefaultMaxTokens(bytes, object: object) { forwarded = limited }
+        return OpenAIBody(model: model, stream: stream, forwarded: forwarded,
+                          bound: RequestBound.units(path: path, requestBytes: UInt64(forwarded.count), object: object))
+    }
+
+    func openAI(_ request: Request, context: RouterRequestContext, path: String, route: String) async throws -> Response {
+        let started = ContinuousClock.now
+        let maxPrice = try Self.maxPrice(request.headers)
+        // The body is read before admission, since the worst case depends on it. What is wrong with it is answered
+        // after admission, as before, so that every answer past authentication and admission names its sequence.
+        let parsed: Result<OpenAIBody, OpenAIError>
+        do { parsed = .success(try await openAIBody(request, path: path)) } catch let error as OpenAIError { parsed = .failure(error) }
+        var priced = Priced(eligible: [], worstCost: 0)
+        if case .success(let body) = parsed {
+            priced = try await price(route: .model(body.model), model: body.model, path: path, bound: body.bound, maxPrice: maxPrice)
         }
-        return respond(with: answer, route: route, started: started)
+        return try await accepted(context, worstCost: priced.worstCost) { sequence, payer in
+            let body = try parsed.get()
+            let (model, forwarded, isStream) = (body.model, body.forwarded, body.stream)
+            // Prices are filled in for the chosen node when the tunnel hands it the request.
+            let answer = try await forwarder.start(route: .model(model), bodyBytes: forwarded.count, eligible: priced.eligible) { app, attempt in
+                WorkRequest(requestID: String(sequence), app: app, model: model, method: "POST", path: path,
+                            contentType: "application/json", body: forwarded, stream: isStream, sequence: sequence, attempt: attempt,
+                            payer: payer, prices: .free)
+            }
+            return respond(with: answer, route: route, started: started)
+        }
     }
 
     func passThrough(_ request: Request, context: RouterRequestContext) async throws -> Response {
-        try await accepted(context) { sequence, payer in
-            try await passThrough(request, context: context, sequence: sequence, payer: payer)
-        }
-    }
-
-    func passThrough(_ request: Request, context: RouterRequestContext, sequence: UInt64, payer: Account) async throws -> Response {
         let started = ContinuousClock.now
+        let maxPrice = try Self.maxPrice(request.headers)
         let app = try context.parameters.require("app")
         var path = "/" + context.parameters.getCatchAll().joined(separator: "/")
         if let query = request.uri.query, !query.isEmpty { path += "?" + query }
-        let body = try await readBody(request, limit: Self.appMaxBodyBytes)
-        let contentType = request.headers[.contentType] ?? "application/octet-stream"
         let targetPath = path
-        let answer = try await forwarder.start(route: .app(app), bodyBytes: body.count) { appName, attempt in
-            WorkRequest(requestID: String(sequence), app: appName, model: "", method: request.method.rawValue, path: targetPath,
-                        contentType: contentType, body: body, stream: false, sequence: sequence, attempt: attempt, payer: payer,
-                        prices: .free)
+        // Read before admission (the worst case depends on it); a body that cannot be read is answered after it.
+        let read: Result<[UInt8], OpenAIError>
+        do { read = .success(try await readBody(request, limit: Self.appMaxBodyBytes)) } catch let error as OpenAIError { read = .failure(error) }
+        var priced = Priced(eligible: [], worstCost: 0)
+        if case .success(let body) = read {
+            priced = try await price(route: .app(app), model: "", path: targetPath,
+                                     bound: RequestBound.units(path: targetPath, body: body), maxPrice: maxPrice)
         }
-        return respond(with: answer, route: "app", started: started)
+        return try await accepted(context, worstCost: priced.worstCost) { sequence, payer in
+            let body = try read.get()
+            let contentType = request.headers[.contentType] ?? "application/octet-stream"
+            let answer = try await forwarder.start(route: .app(app), bodyBytes: body.count, eligible: priced.eligible) { appName, attempt in
+                WorkRequest(requestID: String(sequence), app: appName, model: "", method: request.method.rawValue, path: targetPath,
+                            contentType: contentType, body: body, stream: false, sequence: sequence, attempt: attempt, payer: payer,
+                            prices: .free)
+            }
+            return respond(with: answer, route: "app", started: started)
+        }
     }
 
     /// Streams the node's answer to the client chunk by chunk. If the node drops mid-answer, an SSE stream ends
@@ -301,6 +376,13 @@ public struct Gateway: Sendable {
         headers[HTTPField.Name.emcRequestID] = String(job.request.sequence)
         headers[HTTPField.Name.emcNode] = job.nodeID.description
         let inFlight = inFlight
+        // The reservation ends once the tunnel has handled this answer's receipt (stored: its cost is then unsettled),
+        // whether or not the body is ever written.
+        let receipts = receipts
+        Task {
+            await job.untilHandled()
+            await receipts.releaseReservation(job.request.sequence)
+        }
         let body = ResponseBody { writer in
             // The answer is over (relayed, failed or abandoned): the tunnel still holds the number until its receipt
             // is handled.
@@ -452,4 +534,5 @@ final class RateWindow: Sendable {
 extension HTTPField.Name {
     static let emcRequestID = HTTPField.Name("x-emc-request-id")!
     static let emcNode = HTTPField.Name("x-emc-node")!
+    static let emcMaxPrice = HTTPField.Name("x-emc-max-price")!
 }

@@ -72,6 +72,7 @@ public actor NodePool {
         var id: UInt64
         var route: WorkRoute
         var excluding: Set<NodeID>
+        var eligible: Set<NodeID>?
         var bodyBytes: Int
         var makeRequest: @Sendable (_ appName: String) -> WorkRequest
         var continuation: CheckedContinuation<SlotWait, Never>
@@ -256,12 +257,22 @@ public actor NodePool {
         }
     }
 
-    /// Picks a node for the route (never one in `excluding`) and hands it the request built for that node's app.
-    public func assign(route: WorkRoute, excluding: Set<NodeID>,
+    /// Every connected node that serves the route now (whatever its free capacity), with the app that serves it.
+    public func servers(of route: WorkRoute) -> [NodeID: String] {
+        var servers = [NodeID: String]()
+        for (nodeID, session) in sessions {
+            if let app = appName(of: session, for: route) { servers[nodeID] = app }
+        }
+        return servers
+    }
+
+    /// Picks a node for the route (never one in `excluding`; only one in `eligible` when given: those whose prices
+    /// the request's admission accepted) and hands it the request built for that node's app.
+    public func assign(route: WorkRoute, excluding: Set<NodeID>, eligible: Set<NodeID>? = nil,
                        makeRequest: (_ appName: String) -> WorkRequest) -> Result<WorkJob, AssignmentError> {
         var candidates = [Candidate]()
         var apps = [NodeID: String]()
-        for (nodeID, session) in sessions where !excluding.contains(nodeID) {
+        for (nodeID, session) in sessions where !excluding.contains(nodeID) && eligible?.contains(nodeID) != false {
             guard let app = appName(of: session, for: route) else { continue }
             apps[nodeID] = app
             candidates.append(Candidate(nodeID: nodeID, quality: session.quality, inFlight: session.inFlight,
@@ -283,14 +294,14 @@ public actor NodePool {
 
     /// Waits, first come first served, for a slot on a node serving the route, up to `timeoutMs`. The queue is
     /// bounded in requests and in body bytes; a full queue answers at once.
-    public func waitForSlot(route: WorkRoute, excluding: Set<NodeID>, bodyBytes: Int, timeoutMs: UInt64,
+    public func waitForSlot(route: WorkRoute, excluding: Set<NodeID>, eligible: Set<NodeID>? = nil, bodyBytes: Int, timeoutMs: UInt64,
                             makeRequest: @escaping @Sendable (_ appName: String) -> WorkRequest) async -> SlotWait {
         nextWaiterID += 1
         let id = nextWaiterID
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<SlotWait, Never>) in
                 // The pool may have changed since the caller's own attempt.
-                switch assign(route: route, excluding: excluding, makeRequest: makeRequest) {
+                switch assign(route: route, excluding: excluding, eligible: eligible, makeRequest: makeRequest) {
                 case .success(let job): return continuation.resume(returning: .assigned(job))
                 case .failure(.notServed): return continuation.resume(returning: .notServed)
                 case .failure(.noCapacity): break
@@ -303,7 +314,7 @@ public actor NodePool {
                     try? await Task.sleep(for: .milliseconds(timeoutMs))
                     await self?.endWait(id, with: .timedOut)
                 }
-                waiters.append(Waiter(id: id, route: route, excluding: excluding, bodyBytes: bodyBytes, makeRequest: makeRequest,
+                waiters.append(Waiter(id: id, route: route, excluding: excluding, eligible: eligible, bodyBytes: bodyBytes, makeRequest: makeRequest,
                                       continuation: continuation, timer: timer))
                 waitingBytes += bodyBytes
                 Gauge(label: "emc_router_queue_waiting").record(waiters.count)
@@ -328,7 +339,7 @@ public actor NodePool {
         var index = 0
         while index < waiters.count {
             let waiter = waiters[index]
-            switch assign(route: waiter.route, excluding: waiter.excluding, makeRequest: waiter.makeRequest) {
+            switch assign(route: waiter.route, excluding: waiter.excluding, eligible: waiter.eligible, makeRequest: waiter.makeRequest) {
             case .success(let job):
                 endWait(waiter.id, with: .assigned(job))
             case .failure(.notServed):

@@ -108,12 +108,30 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
                         + "Wait for the next epoch, or bind a key with a higher limit (emc keys api new --spend-limit).")
     }
 
-    /// 402 as well: the payer's escrow with this router is used up by what it has not settled yet.
-    public static func insufficientEscrow(unsettled: UInt64, available: UInt64, router: PublicKey) -> OpenAIError {
+    /// 402 as well: the payer's escrow with this router cannot cover this request's worst case beside what it owes
+    /// and what its requests in flight have reserved.
+    public static func insufficientEscrow(unsettled: UInt64, reserved: UInt64, worst: UInt64, available: UInt64,
+                                          router: PublicKey) -> OpenAIError {
         OpenAIError(status: HTTPResponse.Status(code: 402, reasonPhrase: "Payment Required"), type: "insufficient_quota", code: "insufficient_quota",
-                    message: "The paying account's escrow with this router has \(Amount(baseUnits: available)) EMC available on chain and "
-                        + "\(Amount(baseUnits: unsettled)) EMC of served requests are not settled yet. "
-                        + "Top it up: emc tx escrow open --router \(router.hex) --amount <EMC> --key <account key>.")
+                    message: "This request may cost up to \(Amount(baseUnits: worst)) EMC; the paying account's escrow with this router has "
+                        + "\(Amount(baseUnits: available)) EMC available on chain, of which \(Amount(baseUnits: unsettled)) EMC are owed for "
+                        + "served requests not settled yet and \(Amount(baseUnits: reserved)) EMC are reserved by requests in flight. "
+                        + "Lower max_tokens, or top it up: emc tx escrow open --router \(router.hex) --amount <EMC> --key <account key>.")
+    }
+
+    /// A malformed `X-EMC-Max-Price` header.
+    public static func invalidMaxPrice(_ why: String) -> OpenAIError {
+        OpenAIError(status: .badRequest, type: "invalid_request_error", code: "invalid_max_price", message: why, param: "X-EMC-Max-Price")
+    }
+
+    /// 400, not 429 or 5xx (OpenAI's clients would retry those): every node serving the request would cost more than
+    /// its `X-EMC-Max-Price`.
+    public static func noNodeWithinMaxPrice(maxPrice: UInt64, cheapest: UInt64) -> OpenAIError {
+        OpenAIError(status: .badRequest, type: "invalid_request_error", code: "no_node_within_max_price",
+                    message: "No compute node serves this request within X-EMC-Max-Price \(Amount(baseUnits: maxPrice)) EMC: at the cheapest, "
+                        + "its worst case (prompt bound plus max_tokens) costs \(Amount(baseUnits: cheapest)) EMC. "
+                        + "Raise the maximum or lower max_tokens.",
+                    param: "X-EMC-Max-Price")
     }
 
     /// The router could not record the request durably (its disk), so it serves nothing it could not bill.

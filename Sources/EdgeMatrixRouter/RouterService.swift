@@ -118,7 +118,7 @@ public struct RouterService: Service {
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
         let gateway = Gateway(pool: pool, forwarder: Forwarder(pool: pool, policy: configuration.failover, logger: logger),
                               keys: APIKeyCache(store: APIKeyStore(database: database)), receipts: receipts, routerKey: key.publicKey,
-                              epochs: spendEpochs, escrows: escrows, inFlight: inFlight,
+                              epochs: spendEpochs, escrows: escrows, prices: priceBook, inFlight: inFlight,
                               settlementData: SettlementDataRoutes(store: settlements, router: key.publicKey, logger: logger),
                               metricsText: metricsText, logger: logger)
         let onReady = onReady

@@ -308,6 +308,9 @@ public struct TunnelEndpoint: RegistrableRPCService {
         }
         guard let job else { return }
         defer { job.commandSink.finish() }
+        // Once everything below is done (the receipt handled, the hold released): the gateway then ends the request's
+        // escrow reservation.
+        defer { job.handledSink.finish() }
         inFlight?.hold(job.request.sequence)
         defer { inFlight?.release(job.request.sequence) }
         var ended = false
@@ -320,11 +323,22 @@ public struct TunnelEndpoint: RegistrableRPCService {
         do {
             request.prices = await prices.prices(node: session.nodeID, app: request.app, model: request.model, path: request.path)
             // Durable before the node sees the request, so its receipt can be checked even after a router restart.
-            try await receipts.store.recordAssignment(Assignment(
-                sequence: request.sequence, attempt: request.attempt, nodeID: session.nodeID, app: request.app, model: request.model,
-                requestHash: ReceiptBody.requestHash(method: request.method, path: request.path, contentType: request.contentType,
-                                                     stream: request.stream, body: request.body),
-                requestBytes: UInt64(request.body.count), payer: request.payer, prices: request.prices))
+            do {
+                try await receipts.store.recordAssignment(Assignment(
+                    sequence: request.sequence, attempt: request.attempt, nodeID: session.nodeID, app: request.app, model: request.model,
+                    requestHash: ReceiptBody.requestHash(method: request.method, path: request.path, contentType: request.contentType,
+                                                         stream: request.stream, body: request.body),
+                    requestBytes: UInt64(request.body.count), payer: request.payer, prices: request.prices,
+                    requestBound: RequestBound.units(path: request.path, body: request.body)))
+            } catch let refusal as AssignmentRefusal {
+                // The node's prices rose since admission: not its fault, and the request goes elsewhere or fails.
+                logger.warning("request not assigned: its reservation does not cover the node's prices now", metadata: [
+                    "node": "\(session.nodeID.short)", "request": "\(request.sequence)", "reason": "\(refusal)",
+                ])
+                ended = true
+                job.fail(.rejected(code: refusal.code, message: refusal.description))
+                throw refusal
+            }
             try await writer.write(.assign(request))
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {

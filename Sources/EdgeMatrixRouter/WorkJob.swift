@@ -29,6 +29,9 @@ public final class WorkJob: Sendable {
     public let responses: ResponseChannel
     let commands: AsyncStream<RouterWorkMessage>
     let commandSink: AsyncStream<RouterWorkMessage>.Continuation
+    /// Ends once the tunnel is done with the job: its receipt handled (stored or not), or the attempt over without one.
+    let handled: AsyncStream<Never>
+    let handledSink: AsyncStream<Never>.Continuation
 
     init(request: WorkRequest, nodeID: NodeID) {
         self.request = request
@@ -36,6 +39,12 @@ public final class WorkJob: Sendable {
         responses = ResponseChannel()
         // At most a cancel and a receipt acknowledgement are ever sent, so this buffer stays tiny.
         (commands, commandSink) = AsyncStream.makeStream(bufferingPolicy: .bufferingOldest(8))
+        (handled, handledSink) = AsyncStream.makeStream()
+    }
+
+    /// Returns once the tunnel is done with the job (after its receipt, if any, is stored).
+    public func untilHandled() async {
+        for await _ in handled {}
     }
 
     /// The client went away or another node was chosen: tell the node to stop.

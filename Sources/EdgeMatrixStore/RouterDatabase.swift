@@ -188,6 +188,16 @@ public final class RouterDatabase: Sendable {
             }
             try db.create(index: "receipt_on_sequence", on: "receipt", columns: ["sequence"])
         }
+        // The request's own bound on what it may bill (`RequestBound.units` of the forwarded request: the prompt
+        // bound, max_tokens × choices, the embeddings inputs), which the router reserved against the escrow: a receipt
+        // above it is refused like one above the relayed bytes. NULL on older rows (only the relayed bound applies).
+        migrator.registerMigration("v6-assignment-request-bound") { db in
+            try db.alter(table: "assignment") { t in
+                t.add(column: "bound_prompt_tokens", .integer)
+                t.add(column: "bound_completion_tokens", .integer)
+                t.add(column: "bound_items", .integer)
+            }
+        }
         return migrator
     }
 }
@@ -308,9 +318,12 @@ public struct Assignment: Sendable, Equatable {
     public var requestBytes: UInt64
     public var payer: Account
     public var prices: UnitPrices
+    /// `RequestBound.units` of the forwarded request: no receipt may bill more (nil: only the relayed bound applies).
+    public var requestBound: WorkUnits?
 
     public init(sequence: UInt64, attempt: UInt32, nodeID: NodeID, app: String, model: String, requestHash: Hash32,
-                requestBytes: UInt64, payer: Account, prices: UnitPrices) {
+                requestBytes: UInt64, payer: Account, prices: UnitPrices, requestBound: WorkUnits? = nil) {
+        self.requestBound = requestBound
         self.sequence = sequence
         self.attempt = attempt
         self.nodeID = nodeID
@@ -356,11 +369,29 @@ public enum ReceiptAppendOutcome: String, Sendable, Equatable {
     case assignmentMismatch = "assignment_mismatch"
     /// Refused: the receipt's response hash or status is not what the router relayed.
     case responseMismatch = "receipt_mismatch"
-    /// Refused: the receipt bills more units than the relayed bytes can carry (`BilledUnits.bound`).
+    /// Refused: the receipt bills more units than the relayed bytes can carry, or than the request's own bound
+    /// (`BilledUnits.bound`, `RequestBound`).
     case unitsAboveBound = "units_above_relayed_bound"
     /// Refused: its sequence number is in a settlement batch the router already closed, so it can no longer be
     /// settled (a late re-delivery; not misbehaviour by itself).
     case alreadyBatched = "sequence_already_batched"
+}
+
+/// Why the store refused to record an assignment (nothing was recorded; the node must not get the request).
+public enum AssignmentRefusal: Error, Equatable, Sendable, CustomStringConvertible {
+    /// At the node's prices now, the request's worst case costs more than was reserved for it at admission (its
+    /// prices rose in between); nil: a cost beyond 64 bits.
+    case aboveReservation(cost: UInt64?, reserved: UInt64)
+
+    public var code: String { "price_above_reservation" }
+
+    public var description: String {
+        switch self {
+        case .aboveReservation(let cost, let reserved):
+            "at the node's prices now the request may cost \(cost.map { "\(Amount(baseUnits: $0)) EMC" } ?? "more than 2^64 − 1 base units"), "
+                + "above the \(Amount(baseUnits: reserved)) EMC reserved for it"
+        }
+    }
 }
 
 /// Append-only receipt log, the sequence numbers of accepted requests, and the assignment record receipts are
@@ -369,7 +400,7 @@ public enum ReceiptAppendOutcome: String, Sendable, Equatable {
 /// acknowledges a receipt).
 public actor ReceiptStore {
     enum Operation {
-        case accept(keyHash: Hash32, payer: Account, epoch: UInt64, limit: UInt64, escrowAvailable: UInt64?)
+        case accept(keyHash: Hash32, payer: Account, epoch: UInt64, limit: UInt64, escrowAvailable: UInt64?, worst: UInt64)
         case assign(Assignment)
         case relayed(sequence: UInt64, attempt: UInt32, RelayedAnswer)
         case receipt(Receipt, relayed: RelayedAnswer?)
@@ -378,9 +409,18 @@ public actor ReceiptStore {
     enum Answer {
         case sequence(UInt64)
         case overLimit(spent: UInt64)
-        case overEscrow(unsettled: UInt64, available: UInt64)
+        case overEscrow(unsettled: UInt64, reserved: UInt64, worst: UInt64, available: UInt64)
         case done
+        case assignmentRefused(AssignmentRefusal)
         case receipt(ReceiptAppendOutcome)
+    }
+
+    /// What one flush did to the reservations, replayed on the actor's copy once the write is durable (a release
+    /// that came meanwhile stays released: every event is keyed by sequence and idempotent).
+    enum ReservationEvent: Sendable {
+        case reserve(UInt64, payer: Account, amount: UInt64)
+        case assigned(UInt64, attempt: UInt32)
+        case release(UInt64)
     }
 
     let database: RouterDatabase
@@ -389,6 +429,8 @@ public actor ReceiptStore {
     let holds: (any AcceptedSequenceHolds)?
     private var pending: [(Operation, CheckedContinuation<Answer, any Error>)] = []
     private var flushing = false
+    /// The worst-case costs of accepted requests not yet receipted, held against their payers' escrows.
+    private var reservations = EscrowReservations()
 
     public init(database: RouterDatabase, holds: (any AcceptedSequenceHolds)? = nil) {
         self.database = database
@@ -399,7 +441,7 @@ public actor ReceiptStore {
     /// restarted router never gives a number twice and never skips one).
     public func accept(keyHash: Hash32, payer: Account) async throws -> UInt64 {
         guard case .accepted(let sequence) = try await accept(keyHash: keyHash, payer: payer, epoch: 0, spendLimit: APIKeyBinding.unlimited,
-                                                            escrowAvailable: nil) else {
+                                                            escrowAvailable: nil, worstCost: 0) else {
             throw StoreError.corruptRow("no sequence number allocated")
         }
         return sequence
@@ -409,23 +451,40 @@ public actor ReceiptStore {
         case accepted(sequence: UInt64)
         /// The key's receipts in this epoch already cost its spend limit: no sequence number was given out.
         case overLimit(spent: UInt64)
-        /// The payer's unsettled receipts already cost what its escrow with this router has available on chain.
-        case overEscrow(unsettled: UInt64, available: UInt64)
+        /// What the payer's unsettled receipts cost, what its requests in flight have reserved and this request's
+        /// worst case (at least 1) together exceed what its escrow with this router has available on chain.
+        case overEscrow(unsettled: UInt64, reserved: UInt64, worst: UInt64, available: UInt64)
     }
 
-    /// Accepts a request unless the key has spent its limit in `epoch`, or the payer's unsettled receipts already cost
-    /// `escrowAvailable` (its escrow's available balance with this router as last read from the chain; nil: not
-    /// checked). Both count stored receipts; requests still being served are not reserved against either yet, so
-    /// concurrent requests can pass a limit by what they cost.
+    /// Accepts a request unless the key has spent its limit in `epoch` (stored receipts count), or, when
+    /// `escrowAvailable` is given (the payer's escrow's available balance with this router as last read from the
+    /// chain), unless `unsettled + reserved + max(worstCost, 1) > escrowAvailable`. An accepted request then reserves
+    /// `max(worstCost, 1)` in the same step, so concurrent requests cannot pass the escrow together; the reservation
+    /// ends when the receipt of its latest attempt is stored (its cost is then unsettled) or with
+    /// `releaseReservation`. The minimum of 1 keeps an escrow with nothing available from serving even free work.
     public func accept(keyHash: Hash32, payer: Account, epoch: UInt64, spendLimit: UInt64,
-                       escrowAvailable: UInt64? = nil) async throws -> Acceptance {
-        switch try await enqueue(.accept(keyHash: keyHash, payer: payer, epoch: epoch, limit: spendLimit, escrowAvailable: escrowAvailable)) {
+                       escrowAvailable: UInt64? = nil, worstCost: UInt64 = 0) async throws -> Acceptance {
+        switch try await enqueue(.accept(keyHash: keyHash, payer: payer, epoch: epoch, limit: spendLimit, escrowAvailable: escrowAvailable,
+                                         worst: max(worstCost, 1))) {
         case .sequence(let sequence): return .accepted(sequence: sequence)
         case .overLimit(let spent): return .overLimit(spent: spent)
-        case .overEscrow(let unsettled, let available): return .overEscrow(unsettled: unsettled, available: available)
+        case .overEscrow(let unsettled, let reserved, let worst, let available):
+            return .overEscrow(unsettled: unsettled, reserved: reserved, worst: worst, available: available)
         default: throw StoreError.corruptRow("no sequence number allocated")
         }
     }
+
+    /// Ends the reservation of a request that ended without a stored receipt (or whose receipt is handled); ending
+    /// one that is gone changes nothing.
+    public func releaseReservation(_ sequence: UInt64) {
+        reservations.release(sequence)
+    }
+
+    /// What the payer's requests in flight have reserved.
+    public func reserved(payer: Account) -> UInt64 { reservations.reserved(payer: payer) }
+
+    /// How many requests hold a reservation.
+    public var reservationCount: Int { reservations.count }
 
     /// What the payer's stored receipts cost that no settlement has taken from its escrow yet (saturating).
     public func unsettled(payer: Account) async throws -> UInt64 {
@@ -456,8 +515,10 @@ public actor ReceiptStore {
     }
 
     /// Records, durably, that the request was handed to the node on these terms; the node may then be paid once.
+    /// Throws `AssignmentRefusal` (recording nothing) when the request holds a reservation that the worst case at
+    /// these prices would exceed.
     public func recordAssignment(_ assignment: Assignment) async throws {
-        _ = try await enqueue(.assign(assignment))
+        if case .assignmentRefused(let refusal) = try await enqueue(.assign(assignment)) { throw refusal }
     }
 
     /// Records what the router relayed of an answer that ended without an acceptable receipt, so that a receipt
@@ -492,34 +553,75 @@ public actor ReceiptStore {
             let now = Int64(clamping: wallClockMillis())
             let holds = holds
             let held = HeldSequences()
+            reservations.expire()
+            let snapshot = reservations
             do {
-                let outcomes = try await database.pool.write { db in
-                    try batch.map { operation, _ -> Result<Answer, StoreError> in
+                let (outcomes, events) = try await database.pool.write { db in
+                    // The batch's operations in order against one copy of the reservations, so that a check and its
+                    // reservation are one step and each accept sees those before it (and receipts stored before it).
+                    var reservations = snapshot
+                    var events = [ReservationEvent]()
+                    let outcomes = try batch.map { operation, _ -> Result<Answer, StoreError> in
                         switch operation {
-                        case .accept(let keyHash, let payer, let epoch, let limit, let escrowAvailable):
+                        case .accept(let keyHash, let payer, let epoch, let limit, let escrowAvailable, let worst):
                             if limit != APIKeyBinding.unlimited {
                                 let spent = try Self.spent(keyHash: keyHash, epoch: epoch, in: db)
                                 if spent >= limit { return .success(.overLimit(spent: spent)) }
                             }
                             if let escrowAvailable {
                                 let unsettled = try Self.unsettled(payer: payer, in: db)
-                                if unsettled >= escrowAvailable {
-                                    return .success(.overEscrow(unsettled: unsettled, available: escrowAvailable))
+                                let reserved = reservations.reserved(payer: payer)
+                                guard EscrowReservations.admits(unsettled: unsettled, reserved: reserved, worst: worst,
+                                                                available: escrowAvailable) else {
+                                    return .success(.overEscrow(unsettled: unsettled, reserved: reserved, worst: worst,
+                                                                available: escrowAvailable))
                                 }
                             }
                             let accepted = try Self.accept(keyHash: keyHash, payer: payer, epoch: epoch, now: now, in: db)
-                            if let holds, case .success(let sequence) = accepted {
-                                holds.hold(sequence)
-                                held.append(sequence)
+                            if case .success(let sequence) = accepted {
+                                if let holds {
+                                    holds.hold(sequence)
+                                    held.append(sequence)
+                                }
+                                if escrowAvailable != nil {
+                                    reservations.reserve(sequence, payer: payer, amount: worst)
+                                    events.append(.reserve(sequence, payer: payer, amount: worst))
+                                }
                             }
                             return accepted.map { .sequence($0) }
                         case .assign(let assignment):
+                            if let entry = reservations.entry(assignment.sequence) {
+                                if let bound = assignment.requestBound {
+                                    let cost = assignment.prices.cost(of: bound)
+                                    guard let cost, cost <= entry.amount else {
+                                        return .success(.assignmentRefused(.aboveReservation(cost: cost, reserved: entry.amount)))
+                                    }
+                                }
+                                reservations.assigned(assignment.sequence, attempt: assignment.attempt)
+                                events.append(.assigned(assignment.sequence, attempt: assignment.attempt))
+                            }
                             return try Self.insert(assignment, now: now, in: db).map { .done }
                         case .relayed(let sequence, let attempt, let relayed):
                             return try Self.record(relayed, sequence: sequence, attempt: attempt, in: db).map { .done }
                         case .receipt(let receipt, let relayed):
-                            return try Self.insert(receipt, relayed: relayed, now: now, in: db).map { .receipt($0) }
+                            let outcome = try Self.insert(receipt, relayed: relayed, now: now, in: db)
+                            // Its cost is now unsettled: the reservation it replaces ends in the same step.
+                            let body = receipt.body
+                            if case .success(.stored) = outcome, let entry = reservations.entry(body.sequence), body.attempt >= entry.attempt {
+                                reservations.release(body.sequence)
+                                events.append(.release(body.sequence))
+                            }
+                            return outcome.map { .receipt($0) }
                         }
+                    }
+                    return (outcomes, events)
+                }
+                // Before anyone learns a new sequence number, so its release can never come first.
+                for event in events {
+                    switch event {
+                    case .reserve(let sequence, let payer, let amount): reservations.reserve(sequence, payer: payer, amount: amount)
+                    case .assigned(let sequence, let attempt): reservations.assigned(sequence, attempt: attempt)
+                    case .release(let sequence): reservations.release(sequence)
                     }
                 }
                 for ((operation, continuation), outcome) in zip(batch, outcomes) {
@@ -551,11 +653,15 @@ public actor ReceiptStore {
         guard let sequence = Int64(exactly: a.sequence), let requestBytes = Int64(exactly: a.requestBytes) else {
             return .failure(.outOfRange("assignment \(a.sequence).\(a.attempt)"))
         }
+        // Clamped: a bound beyond Int64.max is no bound (no receipt may bill that much anyway).
+        let bound = a.requestBound
         try db.execute(sql: """
             INSERT OR IGNORE INTO assignment (sequence, attempt, node_id, app, model, request_hash, request_bytes, payer, prices,
-                assigned_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                assigned_at_ms, bound_prompt_tokens, bound_completion_tokens, bound_items) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """, arguments: [sequence, Int64(a.attempt), a.nodeID.description, a.app, a.model, Data(a.requestHash.bytes), requestBytes,
-                             Data(a.payer.canonicalBytes), Data(a.prices.canonicalBytes), now])
+                             Data(a.payer.canonicalBytes), Data(a.prices.canonicalBytes), now,
+                             bound.map { Int64(clamping: $0.promptTokens) }, bound.map { Int64(clamping: $0.completionTokens) },
+                             bound.map { Int64(clamping: $0.items) }])
         return .success(())
     }
 
@@ -583,7 +689,7 @@ public actor ReceiptStore {
         let attempt = Int64(body.attempt)
         guard let row = try Row.fetchOne(db, sql: """
             SELECT node_id, app, model, request_hash, request_bytes, payer, prices, response_status, response_hash, response_bytes,
-                receipt_id FROM assignment WHERE sequence = ? AND attempt = ?
+                receipt_id, bound_prompt_tokens, bound_completion_tokens, bound_items FROM assignment WHERE sequence = ? AND attempt = ?
             """, arguments: [sequence, attempt]),
               row["node_id"] as String == body.nodeID.description else { return .success(.unassigned) }
         if let existing: String = row["receipt_id"] {
@@ -608,7 +714,13 @@ public actor ReceiptStore {
         if let answer {
             guard answer.status == body.status, answer.responseHash == body.responseHash else { return .success(.responseMismatch) }
         }
-        let bound = BilledUnits.bound(requestBytes: requestBytes, responseBytes: answer?.responseBytes ?? .max)
+        var requestBound: WorkUnits?
+        if let prompt = row["bound_prompt_tokens"] as Int64?, let completion = row["bound_completion_tokens"] as Int64?,
+           let items = row["bound_items"] as Int64? {
+            requestBound = WorkUnits(promptTokens: UInt64(clamping: prompt), completionTokens: UInt64(clamping: completion),
+                                     items: UInt64(clamping: items))
+        }
+        let bound = BilledUnits.bound(requestBytes: requestBytes, responseBytes: answer?.responseBytes ?? .max, requestBound: requestBound)
         guard body.units.isWithin(bound) else { return .success(.unitsAboveBound) }
         if let relayed, case .failure(let error) = try record(relayed, sequence: body.sequence, attempt: body.attempt, in: db) {
             return .failure(error)

@@ -61,10 +61,11 @@ enum Harness {
     }
 
     static func request(_ method: HTTPMethod = .GET, _ url: String, key: String? = nil, body: [UInt8]? = nil,
-                        timeout: TimeAmount = .seconds(120)) async throws -> HTTPResult {
+                        headers: [(String, String)] = [], timeout: TimeAmount = .seconds(120)) async throws -> HTTPResult {
         var request = HTTPClientRequest(url: url)
         request.method = method
         if let key { request.headers.add(name: "authorization", value: "Bearer \(key)") }
+        for (name, value) in headers { request.headers.add(name: name, value: value) }
         if let body {
             request.headers.add(name: "content-type", value: "application/json")
             request.body = .bytes(ByteBuffer(bytes: body))

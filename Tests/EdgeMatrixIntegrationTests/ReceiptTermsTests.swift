@@ -78,7 +78,9 @@ struct ReceiptTermsTests {
         #expect(receipt.body.payer == Account(owner: owner.publicKey))
         #expect(receipt.body.prices == prices)
         #expect(receipt.body.attempt == 0)
-        #expect(receipt.body.units == WorkUnits(promptTokens: UInt64(body.count) + BilledUnits.promptTemplateAllowance,
+        // The request named no completion limit, so the router forwarded it with `"max_tokens":4096` appended.
+        let forwardedBytes = body.count + #","max_tokens":4096"#.utf8.count
+        #expect(receipt.body.units == WorkUnits(promptTokens: UInt64(forwardedBytes) + BilledUnits.promptTemplateAllowance,
                                                 completionTokens: UInt64(answer.count), items: 0))
         #expect(receipt.body.cost == prices.cost(of: receipt.body.units))
         #expect(throws: Never.self) { try receipt.verify(nodeKey: nodeKey.publicKey, routerKey: routerKey.publicKey) }

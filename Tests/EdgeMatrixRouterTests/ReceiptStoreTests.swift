@@ -173,7 +173,7 @@ struct ReceiptStoreTests {
                 == .accepted(sequence: 2))
         let reopened = try self.store(at: path)
         #expect(try await reopened.accept(keyHash: key, payer: payer, epoch: 0, spendLimit: APIKeyBinding.unlimited, escrowAvailable: 500)
-                == .overEscrow(unsettled: 500, available: 500))
+                == .overEscrow(unsettled: 500, reserved: 0, worst: 1, available: 500))
         #expect(try await reopened.lastSequence() == 2, "a refused request must not take a sequence number")
         // Another payer, and no check at all, are unaffected.
         let other = Account(owner: SigningKey().publicKey)
