@@ -39,6 +39,7 @@ struct ChallengeFixture {
     }
 
     /// Settles `leaves` as batch 0 over sequences 1...10; returns the batch.
+    @discardableResult
     mutating func settle(_ leaves: [SettlementLeaf]) throws -> SettlementBatch {
         let batch = try SettlementBatchBuilder.build(router: s.router, batchNumber: 0, sequenceRange: 1...10, leaves: leaves.sorted { $0.key < $1.key })
         _ = try s.r.f.submit(s.settle(batch)).get()
