@@ -46,6 +46,7 @@ public actor ReceiptOutbox {
                            metadata: ["dropped": "\(old)", "version": "\(ReceiptBody.version)"])
         }
         let trimmed = try store.trim(keepingNewest: max(1, capacity))
+        try store.trimCountersigned(keepingNewest: ReceiptOutboxStore.keptCapacity)
         var loaded: [Hash32: (sequence: UInt64, receipt: Receipt)] = [:]
         var loadedOrder: [(sequence: UInt64, id: Hash32)] = []
         var sequence: UInt64 = 0
@@ -90,11 +91,27 @@ public actor ReceiptOutbox {
     /// Returns the acknowledged receipt, or nil if it was not pending (already acknowledged, or unknown). With a
     /// file, returns once its removal is durable: an acknowledged receipt is never re-sent after a restart.
     @discardableResult
-    public func acknowledge(_ id: Hash32) async -> Receipt? {
+    public func acknowledge(_ id: Hash32, routerSignature: [UInt8] = []) async -> Receipt? {
         guard let entry = pending.removeValue(forKey: id) else { return nil }
         compactIfMostlyDead()
+        var countersigned = entry.receipt
+        // Kept only with a countersignature that verifies: a receipt the node cannot prove is no evidence.
+        if !routerSignature.isEmpty, countersigned.attachRouterSignature(routerSignature) {
+            await persist(.keep(countersigned))
+            return countersigned
+        }
+        if !routerSignature.isEmpty {
+            Counter(label: "emc_compute_bad_countersignatures_total").increment()
+            logger.warning("router acknowledged a receipt with a countersignature that does not verify; not kept",
+                           metadata: ["receipt": "\(id.hex)", "router": "\(entry.receipt.body.routerID.short)"])
+        }
         await persist(.remove(id))
         return entry.receipt
+    }
+
+    /// Countersigned receipts this node kept (with a file), of one router or all, in router sequence order.
+    public func countersigned(router: NodeID? = nil, afterSequence: UInt64 = 0, limit: Int = 10_000) throws -> [Receipt] {
+        try store?.countersigned(router: router, afterSequence: afterSequence, limit: limit) ?? []
     }
 
     /// The receipt with this id, if it still awaits acknowledgement.

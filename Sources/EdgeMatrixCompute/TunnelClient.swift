@@ -138,8 +138,8 @@ struct TunnelClient: Sendable {
                 }
                 while let message = try await inbound.next() {
                     switch message {
-                    case .receiptAck(let id):
-                        await acknowledge(id)
+                    case .receiptAck(let id, let routerSignature):
+                        await acknowledge(id, routerSignature: routerSignature)
                     case .rejected(RouterControlMessage.receiptRefusedCode, let idHex):
                         // The router will never countersign it (it lost its record, or the receipt is wrong):
                         // keeping it would only get this node dropped again after every reconnect.
@@ -161,8 +161,8 @@ struct TunnelClient: Sendable {
 
     /// Removes an acknowledged receipt from the outbox. The log line is the node's own record of what the router
     /// acknowledged (tests and operators compare it with the router's store).
-    private func acknowledge(_ id: Hash32) async {
-        guard let receipt = await outbox.acknowledge(id) else { return }
+    private func acknowledge(_ id: Hash32, routerSignature: [UInt8]) async {
+        guard let receipt = await outbox.acknowledge(id, routerSignature: routerSignature) else { return }
         logger.debug("receipt acknowledged", metadata: ["request": "\(receipt.body.sequence)", "attempt": "\(receipt.body.attempt)",
                                                          "receipt": "\(id.hex)"])
     }
@@ -209,8 +209,8 @@ struct TunnelClient: Sendable {
                         case .cancel:
                             group.cancelAll()
                             sink.finish()
-                        case .receiptAck(let id):
-                            await acknowledge(id)
+                        case .receiptAck(let id, let routerSignature):
+                            await acknowledge(id, routerSignature: routerSignature)
                             sink.finish()
                         case .assign: throw TunnelError.protocolViolation("second assignment on one Work stream")
                         }

@@ -252,6 +252,15 @@ public struct Receipt: Hashable, Sendable {
         routerSignature = routerKey.sign(bodyBytes + nodeSignature, domain: .receiptByRouter)
     }
 
+    /// The node's side: takes the router's countersignature from its acknowledgement, if it verifies against the
+    /// router the body names (the receipt is unchanged otherwise). Returns whether it was attached.
+    public mutating func attachRouterSignature(_ signature: [UInt8]) -> Bool {
+        guard signature.count == 64,
+              body.router.isValidSignature(signature, for: bodyBytes + nodeSignature, domain: .receiptByRouter) else { return false }
+        routerSignature = signature
+        return true
+    }
+
     /// Checks both signatures against the keys the body names.
     public func verify() throws(ReceiptError) { try verify(nodeKey: body.node, routerKey: body.router) }
 

@@ -135,7 +135,9 @@ public enum RouterControlMessage: Sendable, Equatable {
     /// Registration accepted; Work streams present the session token (the tunnel is the only place it travels).
     case accepted(sessionToken: [UInt8])
     case rejected(code: String, message: String)
-    case receiptAck(receiptID: Hash32)
+    /// The receipt is stored; `routerSignature` is the router's countersignature (64 bytes; empty from an older
+    /// router), which lets the node keep a receipt it can prove on chain by itself.
+    case receiptAck(receiptID: Hash32, routerSignature: [UInt8])
 }
 
 extension RouterControlMessage {
@@ -214,8 +216,8 @@ public enum RouterWorkMessage: Sendable, Equatable {
     case assign(WorkRequest)
     /// The client went away: stop the work.
     case cancel
-    /// The receipt is durably stored.
-    case receiptAck(receiptID: Hash32)
+    /// The receipt is durably stored, with the router's countersignature (as on the control stream).
+    case receiptAck(receiptID: Hash32, routerSignature: [UInt8])
 }
 
 /// Work-stream messages from the compute node.

@@ -47,6 +47,14 @@ extension ProtobufWire {
     static func signature(_ data: Data, _ field: String) throws(DecodingError) -> [UInt8] {
         try bounded(data, TunnelLimits.maxSignatureBytes, field)
     }
+
+    /// A receipt acknowledgement's router signature: exactly 64 bytes, or none (an older router).
+    static func countersignature(_ data: Data) throws(DecodingError) -> [UInt8] {
+        guard data.isEmpty || data.count == 64 else {
+            throw .invalidValue("receipt_ack.router_signature: expected 64 bytes or none, got \(data.count)")
+        }
+        return [UInt8](data)
+    }
 }
 
 // MARK: - Shared parts
@@ -156,8 +164,8 @@ extension RouterControlMessage: ProtobufWireMessage {
             message.accepted = .with { $0.sessionToken = Data(token) }
         case .rejected(let code, let text):
             message.rejected = .with { $0.code = code; $0.message = text }
-        case .receiptAck(let id):
-            message.receiptAck = .with { $0.receiptID = Data(id.bytes) }
+        case .receiptAck(let id, let signature):
+            message.receiptAck = .with { $0.receiptID = Data(id.bytes); $0.routerSignature = Data(signature) }
         }
         return message
     }
@@ -175,7 +183,8 @@ extension RouterControlMessage: ProtobufWireMessage {
             self = .rejected(code: try ProtobufWire.name(rejected.code, "rejected.code"),
                              message: try ProtobufWire.text(rejected.message, "rejected.message"))
         case .receiptAck(let ack)?:
-            self = .receiptAck(receiptID: try ProtobufWire.hash(ack.receiptID, "receipt_ack.receipt_id"))
+            self = .receiptAck(receiptID: try ProtobufWire.hash(ack.receiptID, "receipt_ack.receipt_id"),
+                               routerSignature: try ProtobufWire.countersignature(ack.routerSignature))
         case nil:
             throw .invalidValue("router control message with no kind set")
         }
@@ -222,7 +231,8 @@ extension RouterWorkMessage: ProtobufWireMessage {
         switch self {
         case .assign(let request): message.assign = request.proto
         case .cancel: message.cancel = Edgematrix_Tunnel_V1_Cancel()
-        case .receiptAck(let id): message.receiptAck = .with { $0.receiptID = Data(id.bytes) }
+        case .receiptAck(let id, let signature):
+            message.receiptAck = .with { $0.receiptID = Data(id.bytes); $0.routerSignature = Data(signature) }
         }
         return message
     }
@@ -231,7 +241,9 @@ extension RouterWorkMessage: ProtobufWireMessage {
         switch message.kind {
         case .assign(let request)?: self = .assign(try WorkRequest(proto: request))
         case .cancel?: self = .cancel
-        case .receiptAck(let ack)?: self = .receiptAck(receiptID: try ProtobufWire.hash(ack.receiptID, "receipt_ack.receipt_id"))
+        case .receiptAck(let ack)?:
+            self = .receiptAck(receiptID: try ProtobufWire.hash(ack.receiptID, "receipt_ack.receipt_id"),
+                               routerSignature: try ProtobufWire.countersignature(ack.routerSignature))
         case nil: throw .invalidValue("router work message with no kind set")
         }
     }

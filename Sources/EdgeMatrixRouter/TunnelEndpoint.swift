@@ -74,7 +74,7 @@ public struct ReceiptCollector: Sendable {
     /// the answer's Work stream; nil for a re-delivery on the control stream, which the store checks against its
     /// durable records of the assignment and of what was relayed.
     public func collect(bodyBytes: [UInt8], nodeSignature: [UInt8], nodeKey: PublicKey,
-                        assigned: (sequence: UInt64, attempt: UInt32)?, relayed: RelayedAnswer?) async throws -> Hash32 {
+                        assigned: (sequence: UInt64, attempt: UInt32)?, relayed: RelayedAnswer?) async throws -> CollectedReceipt {
         var receipt: Receipt
         do { receipt = try Receipt(bodyBytes: bodyBytes, nodeSignature: nodeSignature) } catch {
             throw ReceiptRefusal.malformed(error.description)
@@ -93,8 +93,14 @@ public struct ReceiptCollector: Sendable {
         case let refused:
             throw ReceiptRefusal.refusedByStore(refused)
         }
-        return receipt.id
+        return CollectedReceipt(id: receipt.id, routerSignature: receipt.routerSignature ?? [])
     }
+}
+
+/// A receipt the router stored: its id and the router's countersignature, both sent back to the node.
+public struct CollectedReceipt: Sendable {
+    public let id: Hash32
+    public let routerSignature: [UInt8]
 }
 
 /// A message from a compute node that breaks the tunnel protocol; the node is disconnected for it.
@@ -257,9 +263,9 @@ public struct TunnelEndpoint: RegistrableRPCService {
                     }
                     await pool.updateStatus(nodeID: nodeID, healthyApps: healthyApps)
                 case .receipt(let body, let nodeSignature):
-                    let id: Hash32
+                    let collected: CollectedReceipt
                     do {
-                        id = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey, assigned: nil,
+                        collected = try await receipts.collect(bodyBytes: body, nodeSignature: nodeSignature, nodeKey: nodeKey, assigned: nil,
                                                         relayed: nil)
                     } catch ReceiptRefusal.refusedByStore(.alreadyBatched) {
                         // Late, not forged: its request's batch closed before it came. Refused by id (so the node
@@ -275,7 +281,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
                         try? await writer.write(.rejected(code: RouterControlMessage.receiptRefusedCode, message: Hash32.of(body + nodeSignature).hex))
                         throw NodeViolation(kind: refusal.kind, detail: refusal.description)
                     }
-                    try await writer.write(.receiptAck(receiptID: id))
+                    try await writer.write(.receiptAck(receiptID: collected.id, routerSignature: collected.routerSignature))
                 case .hello, .register:
                     throw NodeViolation(kind: "out_of_order", detail: "hello or register on a registered session")
                 }
@@ -368,10 +374,10 @@ public struct TunnelEndpoint: RegistrableRPCService {
                         job.responses.finish()
                         let relayed = RelayedAnswer(status: status, responseHash: relayedHash.finalize(), responseBytes: relayedBytes)
                         do {
-                            let receiptID = try await receipts.collect(bodyBytes: body, nodeSignature: signature, nodeKey: session.key,
+                            let collected = try await receipts.collect(bodyBytes: body, nodeSignature: signature, nodeKey: session.key,
                                                                        assigned: (request.sequence, request.attempt), relayed: relayed)
                             receiptStored = true
-                            job.commandSink.yield(.receiptAck(receiptID: receiptID))
+                            job.commandSink.yield(.receiptAck(receiptID: collected.id, routerSignature: collected.routerSignature))
                         } catch ReceiptRefusal.refusedByStore(.alreadyBatched) {
                             // Cannot happen while the number is held in flight, unless the hold expired: not the
                             // node's fault. Not acknowledged; the control stream refuses it by id on re-delivery.

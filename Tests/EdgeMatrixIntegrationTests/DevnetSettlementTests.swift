@@ -2,6 +2,7 @@ import EdgeMatrixChain
 import EdgeMatrixCore
 import EdgeMatrixLedger
 import EdgeMatrixNode
+import EdgeMatrixStore
 import Foundation
 import Testing
 
@@ -73,6 +74,7 @@ extension Integration {
 
             // Every leaf, through the router's data-availability API: one per request, priced by the test itself.
             var leafSequences: [UInt64] = []
+            var leafIDs = Set<Hash32>()
             var total: UInt64 = 0, protocolFees: UInt64 = 0, routerFees: UInt64 = 0
             var nodeShares: [PublicKey: UInt64] = [:]
             let byID = Dictionary(log.map { (($0["id"] as? NSNumber)?.uint64Value ?? 0, $0) }, uniquingKeysWith: { a, _ in a })
@@ -92,6 +94,7 @@ extension Integration {
                         try receipt.verify(nodeKey: node, routerKey: routerKey)
                         #expect(body.payer == payer && body.node == node && body.router == routerKey)
                         leafSequences.append(body.sequence)
+                        leafIDs.insert(receipt.id)
                         let asked = try #require(byID[body.sequence], "a leaf for request \(body.sequence), which the client never made")
                         let cost: UInt64
                         switch asked["kind"] as? String {
@@ -127,6 +130,12 @@ extension Integration {
                 total += batchTotal
             }
             #expect(leafSequences.sorted() == ids.sorted(), "every request settled once, and nothing else")
+            // Each compute node kept its own countersigned receipts (its evidence against the router): together
+            // exactly the settled ones, each with a countersignature that verifies.
+            var kept: [Receipt] = []
+            for index in 1...2 { kept += try ReceiptOutboxStore(path: directory + "/data/compute-\(index)/outbox.sqlite").countersigned() }
+            #expect(Set(kept.map(\.id)) == leafIDs && kept.count == leafIDs.count)
+            #expect(kept.allSatisfy { (try? $0.verify(nodeKey: $0.body.node, routerKey: routerKey)) != nil })
             #expect(total > 0)
 
             // The money moved by exactly that.

@@ -30,6 +30,36 @@ struct ReceiptOutboxFileTests {
         try ReceiptOutbox(path: file, capacity: capacity, logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
     }
 
+    // Bugs caught: the node forgetting a receipt once acknowledged (so it can neither check the router's batches
+    // nor prove an omission), keeping one with a countersignature that does not verify (worthless as evidence), or
+    // losing the kept ones at a restart.
+    @Test("an acknowledgement with the router's countersignature keeps the countersigned receipt, across a restart; a bad or missing one keeps nothing")
+    func keepsCountersigned() async throws {
+        let file = path()
+        let router = SigningKey()
+        let good = receipt("good", router: router.publicKey), forged = receipt("forged", router: router.publicKey)
+        let old = receipt("old-router", router: router.publicKey)
+        do {
+            let outbox = try open(file)
+            for r in [good, forged, old] { await outbox.add(r) }
+            let countersignature = router.sign(good.bodyBytes + good.nodeSignature, domain: .receiptByRouter)
+            let kept = await outbox.acknowledge(good.id, routerSignature: countersignature)
+            #expect(kept?.routerSignature == countersignature)
+            // Signed by another key, or over another receipt: not kept, but still acknowledged.
+            #expect(await outbox.acknowledge(forged.id, routerSignature: SigningKey().sign(forged.bodyBytes + forged.nodeSignature,
+                                                                                             domain: .receiptByRouter)) != nil)
+            #expect(await outbox.acknowledge(old.id, routerSignature: []) != nil)  // a router that sends none
+            #expect(await outbox.count == 0)
+        }
+        let reopened = try open(file)
+        let kept = try await reopened.countersigned()
+        #expect(kept.map(\.id) == [good.id])
+        #expect(throws: Never.self) { try kept.first?.verify(nodeKey: nodeKey.publicKey, routerKey: router.publicKey) }
+        #expect(try await reopened.countersigned(router: SigningKey().nodeID).isEmpty)
+        #expect(try await reopened.countersigned(router: router.nodeID, afterSequence: 1).isEmpty)  // its sequence is 1
+        #expect(await reopened.count == 0)
+    }
+
     // Bug caught: the outbox lived in memory only, so a restarted node had forgotten every receipt it signed but
     // the router had not acknowledged, and was never paid for that work.
     @Test("unacknowledged receipts are there, oldest first, when the outbox is opened again; acknowledged ones are not")

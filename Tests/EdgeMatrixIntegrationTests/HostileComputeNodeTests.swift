@@ -82,7 +82,7 @@ final class HostileSession: Sendable {
                     case .assign(let request):
                         outcome.withLock { $0.request = request }
                         for frame in frames(request) { sink.yield(frame) }
-                    case .receiptAck(let id):
+                    case .receiptAck(let id, _):
                         outcome.withLock { $0.acks.append(id) }
                         sink.finish()
                     case .cancel:
@@ -153,7 +153,7 @@ enum HostileNode {
                                     nodeKey: key.publicKey, descriptorBytes: descriptor, signature: key.sign(payload, domain: .tunnelRegistration))))
                             case .accepted(let token): session.state.withLock { $0.token = token }
                             case .rejected(let code, _): session.state.withLock { $0.rejected = code }
-                            case .receiptAck(let id): session.state.withLock { $0.acks.append(id) }
+                            case .receiptAck(let id, _): session.state.withLock { $0.acks.append(id) }
                             }
                         }
                     }

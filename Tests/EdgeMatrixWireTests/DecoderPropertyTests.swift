@@ -116,13 +116,14 @@ struct DecoderPropertyTests {
                                                 .receipt(bodyBytes: receipt.canonicalBytes, nodeSignature: [UInt8](repeating: 0, count: 64))]),
             .protobuf(RouterControlMessage.self, [.challenge(routerKey: other.publicKey, routerNonce: [UInt8](repeating: 3, count: 32),
                                                              signature: [UInt8](repeating: 4, count: 64)),
-                                                  .accepted(sessionToken: [1, 2]), .receiptAck(receiptID: Hash32.of([5])),
+                                                  .accepted(sessionToken: [1, 2]), .receiptAck(receiptID: Hash32.of([5]), routerSignature: [UInt8](repeating: 7, count: 64)),
+                                                  .receiptAck(receiptID: Hash32.of([5]), routerSignature: []),
                                                   .rejected(code: "c", message: "m")]),
             .protobuf(NodeWorkMessage.self, [.ready(sessionToken: [1]), .head(status: 200, contentType: "text/event-stream"),
                                              .head(status: .max, contentType: ""), .chunk([1, 2, 3]),
                                              .end(receiptBody: receipt.canonicalBytes, nodeSignature: [UInt8](repeating: 5, count: 64)),
                                              .failed(code: "c", message: "m")]),
-            .protobuf(RouterWorkMessage.self, [.cancel, .receiptAck(receiptID: Hash32.of([6])), .assign(work), .assign(plainWork)]),
+            .protobuf(RouterWorkMessage.self, [.cancel, .receiptAck(receiptID: Hash32.of([6]), routerSignature: [UInt8](repeating: 8, count: 64)), .assign(work), .assign(plainWork)]),
             .protobuf(WorkRequest.self, [work, plainWork]),
         ]
     }()

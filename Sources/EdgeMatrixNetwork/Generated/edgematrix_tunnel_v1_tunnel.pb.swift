@@ -278,6 +278,11 @@ public nonisolated struct Edgematrix_Tunnel_V1_ReceiptAck: Sendable {
   /// The receipt id, SHA-256(body ‖ node_signature) of the SignedReceipt: exactly 32 bytes.
   public var receiptID: Data = Data()
 
+  /// The router's countersignature over the receipt (docs/PROTOCOL.md § 8): exactly 64 bytes, so that the compute
+  /// node keeps a receipt it can prove on chain by itself (an omission claim, settling after the router's deadline).
+  /// Empty from a router that predates it.
+  public var routerSignature: Data = Data()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -1011,7 +1016,7 @@ nonisolated extension Edgematrix_Tunnel_V1_Rejected: SwiftProtobuf.Message, Swif
 
 nonisolated extension Edgematrix_Tunnel_V1_ReceiptAck: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".ReceiptAck"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}receipt_id\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{3}receipt_id\0\u{3}router_signature\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -1020,6 +1025,7 @@ nonisolated extension Edgematrix_Tunnel_V1_ReceiptAck: SwiftProtobuf.Message, Sw
       // enabled. https://github.com/apple/swift-protobuf/issues/1034
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularBytesField(value: &self.receiptID) }()
+      case 2: try { try decoder.decodeSingularBytesField(value: &self.routerSignature) }()
       default: break
       }
     }
@@ -1029,11 +1035,15 @@ nonisolated extension Edgematrix_Tunnel_V1_ReceiptAck: SwiftProtobuf.Message, Sw
     if !self.receiptID.isEmpty {
       try visitor.visitSingularBytesField(value: self.receiptID, fieldNumber: 1)
     }
+    if !self.routerSignature.isEmpty {
+      try visitor.visitSingularBytesField(value: self.routerSignature, fieldNumber: 2)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Edgematrix_Tunnel_V1_ReceiptAck, rhs: Edgematrix_Tunnel_V1_ReceiptAck) -> Bool {
     if lhs.receiptID != rhs.receiptID {return false}
+    if lhs.routerSignature != rhs.routerSignature {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
