@@ -3,6 +3,7 @@ import EdgeMatrixChain
 import EdgeMatrixCore
 import EdgeMatrixLedger
 import EdgeMatrixNode
+import EdgeMatrixStore
 import Foundation
 
 // The chain CLI follows one convention: transactions are `emc tx <module> <verb>`, reads are `emc query <what>`,
@@ -835,6 +836,47 @@ extension Query {
                  "\(e["held"] ?? "")", "\(e["receipts"] ?? "")"]
             })
         }
+    }
+}
+
+// MARK: - A compute node's kept receipts
+
+struct Receipts: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "The countersigned receipts a compute node kept (its evidence against its routers' batches).",
+        discussion: """
+        Reads DATA_DIR/outbox.sqlite of a compute node (also while it runs). Each receipt is the node's own, with the \
+        router's countersignature, exactly the leaf bytes a settlement batch commits to (docs/PROTOCOL.md § 12.2). \
+        --json prints an array, in router then sequence order: router, router_id, sequence, attempt, payer, app, \
+        model, prompt_tokens, completion_tokens, items, cost_base_units, receipt_id and receipt (hex bytes).
+        """)
+    @Option(help: "The compute node's data directory.") var dataDir: String
+    @Option(help: "Only this router: its node key (64 hex digits) or its key file.") var router: String?
+    @Option(help: "Only sequence numbers above this.") var after: UInt64 = 0
+    @Option(help: "At most this many.") var limit: Int = 10_000
+    @OptionGroup var output: OutputOption
+
+    func run() throws {
+        let path = absolute(dataDir) + "/outbox.sqlite"
+        guard FileManager.default.fileExists(atPath: path) else { throw CLIError("no receipt store at \(path); is --data-dir a compute node's?") }
+        guard (1...1_000_000).contains(limit) else { throw CLIError("--limit must be from 1 to 1,000,000") }
+        let routerID = try router.map { try parsePublicKeyArgument($0, option: "--router").nodeID }
+        let receipts = try ReceiptOutboxStore(path: path).countersigned(router: routerID, afterSequence: after, limit: limit)
+        let rows: [[String: Any]] = receipts.map { r in
+            let b = r.body
+            return ["router": b.router.hex, "router_id": b.routerID.description, "sequence": b.sequence, "attempt": b.attempt,
+                    "payer": b.payer.description, "app": b.app, "model": b.model, "prompt_tokens": b.units.promptTokens,
+                    "completion_tokens": b.units.completionTokens, "items": b.units.items,
+                    "cost_base_units": b.cost.map { $0 as Any } ?? NSNull(), "receipt_id": r.id.hex,
+                    "receipt": Hex.encode(r.settlementBytes ?? [])]
+        }
+        if output.json { return printJSON(rows) }
+        if rows.isEmpty { return say("no countersigned receipts kept in \(path)") }
+        printTable(["ROUTER ID", "SEQUENCE", "ATTEMPT", "MODEL", "PROMPT", "COMPLETION", "ITEMS", "COST (EMC)"], receipts.map { r in
+            let b = r.body
+            return [b.routerID.short, "\(b.sequence)", "\(b.attempt)", b.model, "\(b.units.promptTokens)", "\(b.units.completionTokens)",
+                    "\(b.units.items)", b.cost.map { Amount(baseUnits: $0).description } ?? "overflow"]
+        })
     }
 }
 

@@ -17,7 +17,7 @@ struct EMC: AsyncParsableCommand {
         abstract: "EdgeMatrix: an open, decentralized computing network for AI.",
         discussion: "Start with `emc devnet`, which runs a whole local network and prints how to call it.",
         version: ComputeNode.version,
-        subcommands: [Devnet.self, Node.self, Join.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self, Audit.self, Bench.self]
+        subcommands: [Devnet.self, Node.self, Join.self, Keys.self, Chat.self, GenesisCommand.self, Tx.self, Query.self, Audit.self, Receipts.self, Bench.self]
     )
 }
 

@@ -136,6 +136,23 @@ extension Integration {
             for index in 1...2 { kept += try ReceiptOutboxStore(path: directory + "/data/compute-\(index)/outbox.sqlite").countersigned() }
             #expect(Set(kept.map(\.id)) == leafIDs && kept.count == leafIDs.count)
             #expect(kept.allSatisfy { (try? $0.verify(nodeKey: $0.body.node, routerKey: routerKey)) != nil })
+            // The same through `emc receipts`, which an operator uses to build a claim; bad input is refused.
+            var listed = Set<String>()
+            for index in 1...2 {
+                let run = try CLIRun.emc(["receipts", "--data-dir", directory + "/data/compute-\(index)", "--router", routerKey.hex, "--json"])
+                #expect(run.status == 0, "\(run)")
+                for row in run.array {
+                    listed.insert(row["receipt_id"] as? String ?? "")
+                    let bytes = try #require((row["receipt"] as? String).flatMap { Hex.decode($0) })
+                    #expect(try Receipt(settlementBytes: bytes).id.hex == row["receipt_id"] as? String)
+                }
+            }
+            #expect(listed == Set(leafIDs.map(\.hex)))
+            for bad in [["--data-dir", directory + "/nowhere"], ["--data-dir", directory + "/data/compute-1", "--limit", "0"],
+                        ["--data-dir", directory + "/data/compute-1", "--router", "zz"], ["--data-dir", directory + "/data/compute-1", "--after", "-1"]] {
+                let refused = try CLIRun.emc(["receipts"] + bad)
+                #expect(refused.status != 0 && !refused.stderr.isEmpty, "\(bad): \(refused)")
+            }
             #expect(total > 0)
 
             // The money moved by exactly that.
