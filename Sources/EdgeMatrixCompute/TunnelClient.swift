@@ -70,7 +70,11 @@ struct TunnelClient: Sendable {
             target: host.split(separator: ".").count == 4 && host.allSatisfy({ $0.isNumber || $0 == "." })
                 ? .ipv4(address: host, port: port) : .dns(host: host, port: port),
             transportSecurity: NodeTLS.clientSecurity(pinnedServer: router.key),
-            config: .defaults { $0.backoff = .init(initial: .milliseconds(200), max: .seconds(2), multiplier: 2, jitter: 0.2) }
+            config: .defaults {
+                $0.backoff = .init(initial: .milliseconds(200), max: .seconds(2), multiplier: 2, jitter: 0.2)
+                // A router that froze or whose path died without a FIN is noticed within 30 s, and the node reconnects.
+                $0.connection.keepalive = .init(time: .seconds(20), timeout: .seconds(10), allowWithoutCalls: true)
+            }
         )
         let client = GRPCClient(transport: transport)
         try await withThrowingTaskGroup(of: Void.self) { group in

@@ -53,8 +53,21 @@ public struct ProtobufWireDeserializer<Message: ProtobufWireMessage>: MessageDes
     public func deserialize<Bytes: GRPCContiguousBytes>(_ serializedMessageBytes: Bytes) throws -> Message {
         let bytes = serializedMessageBytes.withUnsafeBytes { Array($0) }
         do { return try Message(protobufBytes: bytes) } catch {
-            throw RPCError(code: .invalidArgument, message: "malformed message: \(error.description)")
+            throw RPCError(code: .invalidArgument, message: "malformed message: \(error.description)",
+                           cause: MalformedWireMessage(detail: error.description))
         }
+    }
+}
+
+/// The cause of the `RPCError` a `ProtobufWireDeserializer` throws: the peer sent bytes that are not a valid message,
+/// which a server tells apart from a connection that merely went away.
+public struct MalformedWireMessage: Error, Sendable, CustomStringConvertible {
+    public let detail: String
+    public var description: String { "malformed message: \(detail)" }
+
+    /// The malformed message behind `error`, if that is what it is.
+    public static func cause(of error: any Error) -> MalformedWireMessage? {
+        (error as? RPCError)?.cause as? MalformedWireMessage
     }
 }
 

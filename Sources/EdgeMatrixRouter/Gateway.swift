@@ -333,7 +333,7 @@ public struct Gateway: Sendable {
                             contentType: "application/json", body: forwarded, stream: isStream, sequence: sequence, attempt: attempt,
                             payer: payer, prices: .free)
             }
-            return respond(with: answer, route: route, started: started)
+            return await respond(with: answer, route: route, started: started)
         }
     }
 
@@ -360,13 +360,16 @@ public struct Gateway: Sendable {
                             contentType: contentType, body: body, stream: false, sequence: sequence, attempt: attempt, payer: payer,
                             prices: .free)
             }
-            return respond(with: answer, route: "app", started: started)
+            return await respond(with: answer, route: "app", started: started)
         }
     }
 
+    /// How much of a model server's error answer is read to build the client's error (the rest is drained).
+    static let maxRelayedErrorBytes = 64 << 10
+
     /// Streams the node's answer to the client chunk by chunk. If the node drops mid-answer, an SSE stream ends
     /// with an error event in OpenAI's shape (the client has already seen bytes, so it cannot be retried).
-    func respond(with answer: StartedAnswer, route: String, started: ContinuousClock.Instant) -> Response {
+    func respond(with answer: StartedAnswer, route: String, started: ContinuousClock.Instant) async -> Response {
         let job = answer.job
         let isSSE = answer.contentType.hasPrefix("text/event-stream")
         let logger = logger
@@ -382,6 +385,29 @@ public struct Gateway: Sendable {
         Task {
             await job.untilHandled()
             await receipts.releaseReservation(job.request.sequence)
+        }
+        // On the OpenAI routes an error answer reaches the client in OpenAI's shape with a stable code, whatever the
+        // model server sent (llama.cpp answers some malformed requests 500 with `"code": null`). The node's receipt
+        // still covers the bytes the node sent; app pass-through routes relay the app's answer as it is.
+        if status >= 400, route != "app" {
+            var body: [UInt8] = []
+            do {
+                while let message = try await job.responses.next() {
+                    if case .chunk(let bytes) = message, body.count < Self.maxRelayedErrorBytes {
+                        body += bytes.prefix(Self.maxRelayedErrorBytes - body.count)
+                    }
+                }
+            } catch {
+                logger.warning("compute node failed mid-error-answer", metadata: ["request": "\(job.request.sequence)", "error": "\(error)"])
+            }
+            inFlight?.release(job.request.sequence)
+            var error = OpenAIError.upstreamAnswer(status: status, body: body)
+            error.requestSequence = job.request.sequence
+            var errorHeaders = error.headers
+            errorHeaders[HTTPField.Name.emcNode] = job.nodeID.description
+            Counter(label: "emc_router_requests_total", dimensions: [("route", route), ("status", String(error.status.code))]).increment()
+            Counter(label: "emc_router_errors_total", dimensions: [("code", error.code)]).increment()
+            return Response(status: error.status, headers: errorHeaders, body: .init(byteBuffer: ByteBuffer(bytes: error.jsonBytes)))
         }
         let body = ResponseBody { writer in
             // The answer is over (relayed, failed or abandoned): the tunnel still holds the number until its receipt

@@ -41,14 +41,21 @@ public struct PoolLimits: Sendable, Equatable {
     public var maxLabelledNodes: Int
     /// How long a node that broke the protocol is refused before it may register again.
     public var misbehaviourCooldownMs: UInt64
+    /// A registered node that sends nothing on its control stream for this long is dropped: an honest node sends a
+    /// status every 2 s, so silence means it froze, hung or lost its network without closing the connection.
+    public var heartbeatTimeoutMs: UInt64
+    /// Tunnel streams one IP address may hold open before they authenticate (see `PendingStreams`).
+    public var maxPendingStreamsPerAddress: Int
 
     public init(maxSessions: Int = 1024, maxWaiters: Int = 512, maxWaitingBytes: Int = 256 << 20, maxLabelledNodes: Int = 256,
-                misbehaviourCooldownMs: UInt64 = 10_000) {
+                misbehaviourCooldownMs: UInt64 = 10_000, heartbeatTimeoutMs: UInt64 = 15_000, maxPendingStreamsPerAddress: Int = 64) {
         self.maxSessions = maxSessions
         self.maxWaiters = maxWaiters
         self.maxWaitingBytes = maxWaitingBytes
         self.maxLabelledNodes = maxLabelledNodes
         self.misbehaviourCooldownMs = misbehaviourCooldownMs
+        self.heartbeatTimeoutMs = heartbeatTimeoutMs
+        self.maxPendingStreamsPerAddress = maxPendingStreamsPerAddress
     }
 }
 

@@ -96,6 +96,26 @@ public struct OpenAIError: Error, HTTPResponseError, Sendable, Equatable {
                     message: "No compute node could serve the request: \(why)")
     }
 
+    /// A model server's own error answer, relayed on an OpenAI route in OpenAI's shape with a stable code: a 4xx keeps
+    /// its status, message and code (`upstream_invalid_request` when the server gave no usable code); a 5xx becomes 502
+    /// `upstream_failed` (the gateway's status for a failed upstream, which clients may retry elsewhere).
+    public static func upstreamAnswer(status: UInt16, body: [UInt8]) -> OpenAIError {
+        let error = (try? JSONSerialization.jsonObject(with: Data(body))).flatMap { ($0 as? [String: Any])?["error"] }
+        let fields = error as? [String: Any]
+        let text = (fields?["message"] as? String) ?? (error as? String) ?? String(decoding: body.prefix(512), as: UTF8.self)
+        let message = String(text.prefix(1024))
+        if status >= 500 || status < 400 {
+            return OpenAIError(status: .badGateway, type: "server_error", code: "upstream_failed",
+                               message: "The model server failed (status \(status)): \(message)")
+        }
+        let code = (fields?["code"] as? String).flatMap { code in
+            code.utf8.count <= 64 && !code.isEmpty && code.utf8.allSatisfy { (0x61...0x7A).contains($0) || (0x30...0x39).contains($0) || $0 == 0x5F }
+                ? code : nil
+        }
+        return OpenAIError(status: HTTPResponse.Status(code: Int(status)), type: "invalid_request_error", code: code ?? "upstream_invalid_request",
+                           message: message, param: fields?["param"] as? String)
+    }
+
     public static func requestTooLarge(limit: Int) -> OpenAIError {
         OpenAIError(status: .contentTooLarge, type: "invalid_request_error", code: "request_too_large",
                     message: "The request body exceeds \(limit) bytes.")

@@ -113,7 +113,15 @@ public struct RouterService: Service {
             address: .ipv4(host: configuration.tunnelHost, port: configuration.tunnelPort),
             transportSecurity: tls.serverSecurity(),
             // Node messages are answer chunks (tens of KiB), receipts and heartbeats: 4 MiB bounds any one of them.
-            config: .defaults { $0.rpc.maxRequestPayloadSize = 4 << 20 }
+            config: .defaults {
+                $0.rpc.maxRequestPayloadSize = 4 << 20
+                // A connection quiet for 30 s is pinged; no answer within 10 s closes it (a frozen host, a dead path).
+                // Nodes may ping too (they watch for a frozen router), but not more often than every 10 s.
+                $0.connection.keepalive = .init(time: .seconds(30), timeout: .seconds(10),
+                                                clientBehavior: .init(minPingIntervalWithoutCalls: .seconds(10), allowWithoutCalls: true))
+                // A TLS connection that opens no stream holds a socket for nothing.
+                $0.connection.maxIdleTime = .seconds(60)
+            }
         )
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
         let gateway = Gateway(pool: pool, forwarder: Forwarder(pool: pool, policy: configuration.failover, logger: logger),

@@ -121,6 +121,8 @@ public struct TunnelEndpoint: RegistrableRPCService {
     /// Holds each assigned request's number until its receipt is handled (see `InFlightSequences`).
     let inFlight: InFlightSequences?
     private let slotCounter = SlotCounter()
+    /// Streams not yet authenticated, per remote address.
+    private let pending: PendingStreams
 
     /// A node must finish registering within this time of opening its control stream.
     static let registrationTimeout = Duration.seconds(10)
@@ -139,6 +141,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
         self.receipts = receipts
         self.admission = admission
         self.logger = logger
+        self.pending = PendingStreams(maxPerAddress: pool.limits.maxPendingStreamsPerAddress)
     }
 
     public func registerMethods<Transport: ServerTransport>(with router: inout RPCRouter<Transport>) {
@@ -146,9 +149,11 @@ public struct TunnelEndpoint: RegistrableRPCService {
             forMethod: TunnelService.control,
             deserializer: ProtobufWireDeserializer<NodeControlMessage>(),
             serializer: ProtobufWireSerializer<RouterControlMessage>()
-        ) { request, _ in
-            StreamingServerResponse { writer in
-                try await control(messages: request.messages, writer: writer)
+        ) { request, context in
+            let ticket = try admitPending(context)
+            return StreamingServerResponse { writer in
+                defer { ticket.release() }
+                try await control(messages: request.messages, writer: writer, pending: ticket)
                 return [:]
             }
         }
@@ -156,11 +161,42 @@ public struct TunnelEndpoint: RegistrableRPCService {
             forMethod: TunnelService.work,
             deserializer: ProtobufWireDeserializer<NodeWorkMessage>(),
             serializer: ProtobufWireSerializer<RouterWorkMessage>()
-        ) { request, _ in
-            StreamingServerResponse { writer in
-                try await work(messages: request.messages, writer: writer)
+        ) { request, context in
+            let ticket = try admitPending(context)
+            return StreamingServerResponse { writer in
+                defer { ticket.release() }
+                try await work(messages: request.messages, writer: writer, pending: ticket)
                 return [:]
             }
+        }
+    }
+
+    private func admitPending(_ context: ServerContext) throws -> PendingStreams.Ticket {
+        guard let ticket = pending.admit(peer: context.remotePeer) else {
+            logger.warning("tunnel stream refused: too many unauthenticated streams from one address",
+                           metadata: ["peer": "\(context.remotePeer.prefix(64))"])
+            throw RPCError(code: .resourceExhausted, message: """
+                too many tunnel streams from this address that have not authenticated yet (at most \(pending.maxPerAddress)); \
+                register on the control stream, then open Work streams with the session token
+                """)
+        }
+        return ticket
+    }
+
+    /// The next message of a node's stream. Bytes that do not decode, or a message over the size limit, are the
+    /// node's violation (it is counted and disconnected), not a connection that merely went away.
+    static func next<Message>(_ inbound: inout RPCAsyncSequence<Message, any Error>.AsyncIterator) async throws -> Message? {
+        do { return try await inbound.next() } catch {
+            if let malformed = MalformedWireMessage.cause(of: error) {
+                throw NodeViolation(kind: "malformed_message", detail: malformed.detail)
+            }
+            // The transport's deframer refused the frame (over the 4 MiB limit, a bad compression flag): it reports
+            // that, and only that, as this internal error.
+            if let rpc = error as? RPCError,
+               rpc.code == .resourceExhausted || (rpc.code == .internalError && rpc.message == "Failed to decode message") {
+                throw NodeViolation(kind: "undecodable_frame", detail: rpc.message)
+            }
+            throw error
         }
     }
 
@@ -182,27 +218,49 @@ public struct TunnelEndpoint: RegistrableRPCService {
 
     /// Runs the control session beside a watcher that ends it when the pool evicts the node (or it never registers).
     func control(messages: RPCAsyncSequence<NodeControlMessage, any Error>,
-                 writer: RPCWriter<RouterControlMessage>) async throws {
+                 writer: RPCWriter<RouterControlMessage>, pending: PendingStreams.Ticket) async throws {
         let (evictions, evict) = AsyncStream<String>.makeStream(bufferingPolicy: .bufferingNewest(1))
         let registered = Flag()
-        let deadline = Task {
-            try await Task.sleep(for: Self.registrationTimeout)
-            if !registered.isSet { evict.yield("registration not completed within \(Self.registrationTimeout)") }
-        }
-        defer { deadline.cancel() }
+        let heard = LastHeard(pool.nowMs())
         try await withThrowingTaskGroup(of: Void.self) { group in
-            group.addTask { try await controlSession(messages: messages, writer: writer, evict: evict, registered: registered) }
+            group.addTask {
+                try await controlSession(messages: messages, writer: writer, evict: evict, registered: registered, heard: heard,
+                                         pending: pending)
+            }
             group.addTask {
                 for await reason in evictions { throw RPCError(code: .permissionDenied, message: "disconnected: \(reason)") }
             }
-            // Whichever ends first (the session, or an eviction) ends the other.
+            group.addTask { try await watchLiveness(registered: registered, heard: heard) }
+            // Whichever ends first (the session, an eviction, or silence) ends the others.
             try await group.next()
             group.cancelAll()
         }
     }
 
+    /// Ends a control stream that does not register in time, or that falls silent once registered.
+    private func watchLiveness(registered: Flag, heard: LastHeard) async throws {
+        try await Task.sleep(for: Self.registrationTimeout)
+        guard registered.isSet else {
+            throw RPCError(code: .deadlineExceeded, message: "registration not completed within \(Self.registrationTimeout)")
+        }
+        let timeout = pool.limits.heartbeatTimeoutMs
+        while true {
+            try await Task.sleep(for: .milliseconds(Int64(clamping: min(timeout, 1000))))
+            let now = pool.nowMs(), last = heard.value
+            let silent = now > last ? now - last : 0
+            if silent > timeout {
+                Counter(label: "emc_router_nodes_silent_total").increment()
+                logger.warning("compute node silent; disconnecting it", metadata: ["silent_ms": "\(silent)"])
+                throw RPCError(code: .unavailable, message: """
+                    disconnected: nothing heard from the node for \(silent) ms (an honest node sends a status every 2 s)
+                    """)
+            }
+        }
+    }
+
     private func controlSession(messages: RPCAsyncSequence<NodeControlMessage, any Error>, writer: RPCWriter<RouterControlMessage>,
-                                evict: AsyncStream<String>.Continuation, registered: Flag) async throws {
+                                evict: AsyncStream<String>.Continuation, registered: Flag, heard: LastHeard,
+                                pending: PendingStreams.Ticket) async throws {
         var inbound = messages.makeAsyncIterator()
         guard case .hello(let nodeNonce)? = try await inbound.next(), nodeNonce.count == TunnelHandshake.nonceLength else {
             try await reject(writer, code: "bad_hello", "the first control message must be hello with a 32-byte nonce")
@@ -248,11 +306,14 @@ public struct TunnelEndpoint: RegistrableRPCService {
             try await reject(writer, code: "misbehaviour_cooldown", "this node broke the tunnel protocol recently; retry later")
         }
         registered.set()
+        heard.touch(pool.nowMs())
+        pending.release()
         inFlight?.nodeRegistered(nodeID.description)
         var statusWindow = (start: ContinuousClock.now, count: 0)
         do {
             try await writer.write(.accepted(sessionToken: token))
-            while let message = try await inbound.next() {
+            while let message = try await Self.next(&inbound) {
+                heard.touch(pool.nowMs())
                 switch message {
                 case .status(_, let healthyApps):
                     let now = ContinuousClock.now
@@ -301,11 +362,38 @@ public struct TunnelEndpoint: RegistrableRPCService {
         !value.isEmpty && value.utf8.count <= 256 && value.utf8.allSatisfy { (0x20...0x7E).contains($0) || $0 == 0x09 }
     }
 
-    func work(messages: RPCAsyncSequence<NodeWorkMessage, any Error>, writer: RPCWriter<RouterWorkMessage>) async throws {
+    /// A Work stream must present its session token within the registration timeout.
+    func work(messages: RPCAsyncSequence<NodeWorkMessage, any Error>, writer: RPCWriter<RouterWorkMessage>,
+              pending: PendingStreams.Ticket) async throws {
+        let authenticated = Flag()
+        try await withThrowingTaskGroup(of: Bool.self) { group in
+            group.addTask {
+                try await workSession(messages: messages, writer: writer, authenticated: authenticated, pending: pending)
+                return true
+            }
+            group.addTask {
+                try await Task.sleep(for: Self.registrationTimeout)
+                guard authenticated.isSet else {
+                    throw RPCError(code: .deadlineExceeded, message: "no session token within \(Self.registrationTimeout)")
+                }
+                return false
+            }
+            // The timer ends first (quietly, once authenticated) or is cancelled when the session ends.
+            for try await sessionEnded in group where sessionEnded {
+                group.cancelAll()
+                return
+            }
+        }
+    }
+
+    private func workSession(messages: RPCAsyncSequence<NodeWorkMessage, any Error>, writer: RPCWriter<RouterWorkMessage>,
+                             authenticated: Flag, pending: PendingStreams.Ticket) async throws {
         var inbound = messages.makeAsyncIterator()
         guard case .ready(let token)? = try await inbound.next(), let session = await pool.authenticate(token: token) else {
             throw RPCError(code: .unauthenticated, message: "unknown or expired session; register on the control stream first")
         }
+        authenticated.set()
+        pending.release()
         let slot = slotCounter.next()
         let job = await withTaskCancellationHandler {
             await pool.offerSlot(nodeID: session.nodeID, number: session.number, slot: slot)
@@ -351,7 +439,7 @@ public struct TunnelEndpoint: RegistrableRPCService {
                     for await command in job.commands { try await writer.write(command) }
                 }
                 // The RPC ends once the answer is complete (and its receipt acknowledged) or failed.
-                answer: while let message = try await inbound.next() {
+                answer: while let message = try await Self.next(&inbound) {
                     switch message {
                     case .head(let status, let contentType):
                         guard headStatus == nil else { throw NodeViolation(kind: "out_of_order", detail: "a second head") }
@@ -436,6 +524,14 @@ public struct TunnelEndpoint: RegistrableRPCService {
 final class SlotCounter: Sendable {
     private let value = Atomic<UInt64>(0)
     func next() -> UInt64 { value.add(1, ordering: .relaxed).newValue }
+}
+
+/// When a node was last heard from on its control stream (the pool's monotonic milliseconds).
+final class LastHeard: Sendable {
+    private let milliseconds: Atomic<UInt64>
+    init(_ now: UInt64) { milliseconds = Atomic(now) }
+    func touch(_ now: UInt64) { milliseconds.store(now, ordering: .relaxed) }
+    var value: UInt64 { milliseconds.load(ordering: .relaxed) }
 }
 
 /// A flag set once, read from another task.

@@ -687,18 +687,21 @@ public actor ReceiptStore {
             return .failure(.outOfRange("receipt \(receipt.id.hex) has a count, time or sequence above \(Int64.max)"))
         }
         let attempt = Int64(body.attempt)
-        guard let row = try Row.fetchOne(db, sql: """
-            SELECT node_id, app, model, request_hash, request_bytes, payer, prices, response_status, response_hash, response_bytes,
-                receipt_id, bound_prompt_tokens, bound_completion_tokens, bound_items FROM assignment WHERE sequence = ? AND attempt = ?
-            """, arguments: [sequence, attempt]),
-              row["node_id"] as String == body.nodeID.description else { return .success(.unassigned) }
-        if let existing: String = row["receipt_id"] {
+        // Checked on the receipt table, not the assignment: a closed batch's assignments are pruned, and an exact
+        // re-delivery of a stored receipt (its acknowledgement was lost) must still be acknowledged.
+        if let existing = try String.fetchOne(db, sql: "SELECT receipt_id FROM receipt WHERE sequence = ? AND attempt = ?",
+                                              arguments: [sequence, attempt]) {
             return .success(existing == receipt.id.hex ? .alreadyStored : .alreadyReceipted)
         }
         // A closed batch's range is final: a receipt stored in it now would be one the batch left out.
         if let closed = try Int64.fetchOne(db, sql: "SELECT MAX(last_sequence) FROM settlement_batch"), sequence <= closed {
             return .success(.alreadyBatched)
         }
+        guard let row = try Row.fetchOne(db, sql: """
+            SELECT node_id, app, model, request_hash, request_bytes, payer, prices, response_status, response_hash, response_bytes,
+                bound_prompt_tokens, bound_completion_tokens, bound_items FROM assignment WHERE sequence = ? AND attempt = ?
+            """, arguments: [sequence, attempt]),
+              row["node_id"] as String == body.nodeID.description else { return .success(.unassigned) }
         guard Array(row["request_hash"] as Data) == body.requestHash.bytes else { return .success(.requestHashMismatch) }
         guard Array(row["payer"] as Data) == body.payer.canonicalBytes else { return .success(.payerMismatch) }
         guard Array(row["prices"] as Data) == body.prices.canonicalBytes else { return .success(.pricesMismatch) }

@@ -171,6 +171,9 @@ public struct SettlementStore: Sendable {
                 INSERT INTO settlement_batch (batch, first_sequence, last_sequence, closed_epoch, encoded, tx_id, status, created_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 """, arguments: [number, first, last, epoch, Data(batch.encoded), batch.txID, SettlementBatchStatus.built.rawValue, created])
+            // The range is closed: its receipts are refused from now on, so its assignments (kept only to check
+            // receipts) are dropped, and the table holds only the requests of the open batch.
+            try db.execute(sql: "DELETE FROM assignment WHERE sequence <= ?", arguments: [last])
             for (payer, amount) in totals where amount > 0 {
                 try db.execute(sql: "INSERT INTO settlement_batch_payer (batch, payer, amount) VALUES (?, ?, ?)",
                                arguments: [number, Data(payer.canonicalBytes), String(amount)])

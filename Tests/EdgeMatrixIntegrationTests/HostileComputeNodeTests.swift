@@ -122,7 +122,8 @@ final class HostileSession: Sendable {
 
 enum HostileNode {
     /// Registers a fresh node key serving `model` and runs `body` while its control stream stays open.
-    static func session<T: Sendable>(network: TestNetwork, model: String, maxConcurrent: UInt32 = 2,
+    /// `heartbeat`: send a status every 2 s as an honest node does (without it the router drops the node as silent).
+    static func session<T: Sendable>(network: TestNetwork, model: String, maxConcurrent: UInt32 = 2, heartbeat: Bool = true,
                                      _ body: @escaping @Sendable (HostileSession) async throws -> T) async throws -> T {
         let key = SigningKey()
         try await network.enroll(key)  // registered on chain: hostile, but admitted, so every check past admission is exercised
@@ -162,7 +163,14 @@ enum HostileNode {
                     session.state.withLock { $0.closed = "\(error)" }
                 }
             }
+            let heartbeatTask = Task {
+                while heartbeat, !Task.isCancelled {
+                    try? await Task.sleep(for: .seconds(2))
+                    control.yield(RawFrame(NodeControlMessage.status(inFlight: 0, healthyApps: ["hostile"])))
+                }
+            }
             defer {
+                heartbeatTask.cancel()
                 control.finish()
                 controlTask.cancel()
             }
@@ -189,6 +197,13 @@ extension TestNetwork {
                 return apps.contains { ($0["models"] as? [String])?.contains(model) == true } && (node["idle_slots"] as? Int ?? 0) > 0
             }
         }
+    }
+
+    /// The value of an unlabelled counter on the router's /metrics (0 when it was never incremented).
+    func routerCounter(_ name: String) async throws -> Double {
+        let metrics = try await Harness.request(.GET, "http://127.0.0.1:\(httpPort)/metrics", timeout: .seconds(5)).text
+        let line = metrics.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+        return line.flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
     }
 
     func misbehaviourCounts() async throws -> [String: Double] {
@@ -243,11 +258,12 @@ struct HostileComputeNodeTests {
         cases.append(WorkCase(name: "ready twice", clientStatus: 502, clientCode: "upstream_failed", kind: "out_of_order") { session, _ in
             [RawFrame(NodeWorkMessage.ready(sessionToken: session.snapshot.token ?? []))]
         })
-        cases.append(WorkCase(name: "a message over the 4 MiB limit", clientStatus: 502, clientCode: "upstream_failed", kind: nil) { _, _ in
+        cases.append(WorkCase(name: "a message over the 4 MiB limit", clientStatus: 502, clientCode: "upstream_failed", kind: "undecodable_frame") { _, _ in
             [RawFrame(NodeWorkMessage.head(status: 200, contentType: String(repeating: "b", count: 5 << 20)))]
         })
         for (index, bytes) in garbage.enumerated() {
-            cases.append(WorkCase(name: "garbage frame \(index)", clientStatus: 502, clientCode: "upstream_failed", kind: nil) { _, _ in
+            // Bug caught: bytes that did not decode just ended the stream; the node was neither counted nor dropped.
+            cases.append(WorkCase(name: "garbage frame \(index)", clientStatus: 502, clientCode: "upstream_failed", kind: "malformed_message") { _, _ in
                 [RawFrame(bytes)]
             })
         }
@@ -466,6 +482,79 @@ struct HostileComputeNodeTests {
         }
         #expect(ContinuousClock.now - started < .seconds(20))
         #expect(network.router?.isRunning == true)
+    }
+
+    // Bug caught: a registered node that froze (or whose network died without closing the connection) kept its
+    // session for ever, and requests were queued to it.
+    @Test("a registered node that falls silent is dropped after the heartbeat timeout, and only then")
+    func silentRegisteredNodeDropped() async throws {
+        let network = try await TestNetwork(name: "hostile-mute")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        try await HostileNode.session(network: network, model: "mute-model", heartbeat: false) { session in
+            let registered = ContinuousClock.now
+            // Not before the 15 s timeout: an honest node that misses a heartbeat or two must stay.
+            try await Task.sleep(for: .seconds(8))
+            #expect(session.snapshot.closed == nil, "dropped after 8 s of silence; the timeout is 15 s")
+            #expect(try await network.connectedNodes().count == 1)
+            #expect(await session.wait(timeout: .seconds(20)) { $0.closed != nil }, "a silent node is still connected")
+            #expect(ContinuousClock.now - registered < .seconds(25))
+        }
+        #expect(try await network.connectedNodes().isEmpty)
+        #expect(try await network.routerCounter("emc_router_nodes_silent_total") >= 1)
+        // A node that keeps sending its status stays: same router, same wait.
+        try await HostileNode.session(network: network, model: "chatty-model") { session in
+            try await Task.sleep(for: .seconds(18))
+            #expect(session.snapshot.closed == nil, "a node sending heartbeats was dropped: \(session.snapshot)")
+        }
+        #expect(network.router?.isRunning == true)
+    }
+
+    // Bug caught: anyone past the TLS handshake could open unauthenticated streams without bound (each holds a task
+    // until its deadline), and a Work stream that never sent its session token was held for ever.
+    @Test("unauthenticated tunnel streams are bounded per address and a Work stream must present its token in time")
+    func unauthenticatedStreamsBounded() async throws {
+        let network = try await TestNetwork(name: "hostile-pending")
+        defer { network.stopAll() }
+        try await network.startRouter()
+        let transport = try HTTP2ClientTransport.Posix(
+            target: .ipv4(address: "127.0.0.1", port: network.tunnelPort),
+            transportSecurity: NodeTLS.clientSecurity(pinnedServer: network.routerKey.publicKey),
+            config: .defaults { $0.http2.targetWindowSize = 1 << 20 })
+        let limit = 64
+        try await withGRPCClient(transport: transport) { client in
+            // Work streams that never say `ready`: each is an RPC that ends in an error (refused or timed out).
+            let started = ContinuousClock.now
+            let codes = await withTaskGroup(of: String.self) { group in
+                for _ in 0..<(limit + 8) {
+                    group.addTask {
+                        let silence = StreamingClientRequest<RawFrame> { _ in try await Task.sleep(for: .seconds(60)) }
+                        do {
+                            try await client.bidirectionalStreaming(
+                                request: silence, descriptor: TunnelService.work, serializer: RawSerializer(),
+                                deserializer: ProtobufWireDeserializer<RouterWorkMessage>(), options: .defaults
+                            ) { response in for try await _ in response.messages {} }
+                            return "ok"
+                        } catch let error as RPCError {
+                            return "\(error.code)"
+                        } catch {
+                            return "other: \(error)"
+                        }
+                    }
+                }
+                return await group.reduce(into: [String]()) { $0.append($1) }
+            }
+            let refused = codes.filter { $0 == "\(RPCError.Code.resourceExhausted)" }.count
+            let timedOut = codes.filter { $0 == "\(RPCError.Code.deadlineExceeded)" }.count
+            #expect(refused == 8, "streams beyond \(limit) per address must be refused at once: \(codes)")
+            #expect(timedOut == limit, "streams within the limit must be closed at the token deadline: \(codes)")
+            #expect(ContinuousClock.now - started < .seconds(30))
+        }
+        // The places are given back: a real node registers and serves from the same address.
+        try await network.startComputeNode()
+        try await network.waitForNodes(1)
+        try await expectHonestNodeServes(network)
+        #expect(try await network.routerCounter("emc_router_tunnel_streams_refused_total") >= 8)
     }
 
     func expectHonestNodeServes(_ network: TestNetwork) async throws {

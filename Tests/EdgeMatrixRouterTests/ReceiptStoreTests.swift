@@ -52,6 +52,27 @@ struct ReceiptStoreTests {
         #expect(try await store.list().map(\.receipt.body.sequence) == [1])
     }
 
+    // Bug caught: the assignment table grew with every request for ever; and, once pruned, a re-delivered stored
+    // receipt would be refused as unassigned (and its honest node disconnected) instead of acknowledged again.
+    @Test("closing a batch drops its assignments; a stored receipt re-delivered is still acknowledged, a late one is refused as batched")
+    func closedBatchPrunesAssignments() async throws {
+        let database = try RouterDatabase(path: Self.path())
+        let store = ReceiptStore(database: database)
+        let settlements = SettlementStore(database: database)
+        for sequence: UInt64 in 1...4 { try await store.recordAssignment(assignment(sequence)) }
+        let stored = receipt(1)
+        #expect(try await store.append(stored) == .stored)
+        #expect(try store.sequencesAwaitingReceipt(assignedSinceMillis: 0).map(\.sequence) == [2, 3, 4])
+        let batch = StoredSettlementBatch(batch: 0, firstSequence: 1, lastSequence: 3, closedEpoch: 0, encoded: [1])
+        #expect(try await settlements.record(batch, payerTotals: [:], receiptWatermark: nil) == .recorded)
+        // Only the open batch's request is left.
+        #expect(try store.sequencesAwaitingReceipt(assignedSinceMillis: 0).map(\.sequence) == [4])
+        #expect(try await store.append(stored) == .alreadyStored)
+        #expect(try await store.append(receipt(1, completion: 6)) == .alreadyReceipted)
+        #expect(try await store.append(receipt(2)) == .alreadyBatched)
+        #expect(try await store.append(receipt(4)) == .stored)
+    }
+
     // Bug caught: a node re-signed a stored request with other counts and was paid twice for one (sequence, attempt).
     @Test("a second, different receipt for a (sequence, attempt) already stored is refused; another attempt of the same sequence is not")
     func uniqueSequenceAttempt() async throws {

@@ -41,7 +41,7 @@ DRAIN_SECONDS = 10.0       # on SIGTERM, how long requests already running may t
 
 
 class APIError(Exception):
-    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None):
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code="invalid_request"):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -216,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # noqa: BLE001 - report as an OpenAI-shaped 500
-            self._send_error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error"))
+            self._send_error(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error", code="internal_error"))
 
     def do_GET(self):
         self._route("GET")

