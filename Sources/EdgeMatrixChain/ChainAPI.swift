@@ -89,6 +89,7 @@ struct ChainAPI: Sendable {
                 "validators": s.validators.count,
                 "mempool_size": node.mempool.count,
                 "peers_connected": node.peers.connectedCount,
+                "role": node.configuration.role.rawValue,
                 "total_supply": s.ledger.totalSupply.description,
                 "burned": s.ledger.burned.description,
             ] as [String: Any])
@@ -131,6 +132,10 @@ struct ChainAPI: Sendable {
             throw ChainAPIError.notFound("transaction \(hash.hex) is neither committed nor pending")
         }
         router.post("/txs") { request, _ in
+            // A full node refuses before reading the body: nothing it is sent reaches a mempool or a peer.
+            if node.configuration.role == .full {
+                throw ChainAPIError(.forbidden, MempoolRejection.readOnlyNode.code, MempoolRejection.readOnlyNode.message)
+            }
             let limit = Mempool.maxTransactionBytes * 2 + 1024  // hex doubles the size
             let collected: ByteBuffer
             do { collected = try await request.body.collect(upTo: limit) } catch {

@@ -53,7 +53,7 @@ actor ChainDriver {
     init(chainID: String, key: SigningKey, store: BlockStore, wal: FileWAL, mempool: Mempool, view: ChainView,
          peers: PeerNetwork, inputs: AsyncStream<ChainInput>.Continuation, ledger: LedgerState, lastHash: Hash32,
          validators: ValidatorSet, genesisValidators: ValidatorSet, timeouts: TimeoutConfiguration, pendingUpdates: [StakedValidator],
-         maxTxsPerBlock: Int, logger: Logger) throws {
+         maxTxsPerBlock: Int, votes: Bool = true, logger: Logger) throws {
         rules = BlockRules(chainID: chainID)
         self.genesisValidators = genesisValidators
         self.chainID = chainID
@@ -73,7 +73,7 @@ actor ChainDriver {
         let records: [WALRecord]
         do { records = try wal.replay() } catch { throw ChainError.wal(error.description) }
         engine = ConsensusEngine(configuration: ConsensusConfiguration(chainID: chainID, timeouts: timeouts),
-                                 validators: validators, signer: key, walRecords: records)
+                                 validators: validators, signer: votes ? (key as any ConsensusSigner) : nil, walRecords: records)
     }
 
     func start() throws {

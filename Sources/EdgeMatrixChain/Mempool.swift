@@ -10,6 +10,10 @@ public struct MempoolRejection: Error, Sendable, CustomStringConvertible {
     public var code: String
     public var message: String
     public var description: String { "\(code): \(message)" }
+
+    /// A full node admits no transactions: it has no mempool that anyone proposes from.
+    public static let readOnlyNode = MempoolRejection(
+        code: "read_only_node", message: "this is a full node: it serves reads only; submit transactions to a validator's POST /txs")
 }
 
 /// Pending transactions in arrival order, deduplicated by id, checked against the latest committed state.

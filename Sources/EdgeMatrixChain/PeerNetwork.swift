@@ -63,8 +63,12 @@ final class PeerNetwork: Sendable {
     /// This node's certificate, bound to its key; every link is mutual TLS pinned to the peer's key.
     let tls: NodeTLS
 
-    init(key: SigningKey, tls: NodeTLS, chainID: String, peers: [PeerAddress], logger: Logger) {
+    /// A full node's network: it sends status frames only, never a consensus or transaction frame.
+    let readOnly: Bool
+
+    init(key: SigningKey, tls: NodeTLS, chainID: String, peers: [PeerAddress], readOnly: Bool = false, logger: Logger) {
         self.key = key
+        self.readOnly = readOnly
         self.tls = tls
         self.chainID = chainID
         self.logger = logger
@@ -89,6 +93,7 @@ final class PeerNetwork: Sendable {
     var connectedCount: Int { outboxes.withLock { $0.count } }
 
     func broadcast(_ frame: PeerFrame) {
+        if readOnly { guard case .status = frame else { return } }
         for sink in outboxes.withLock({ Array($0.values) }) { sink.yield(frame) }
     }
 
@@ -241,13 +246,17 @@ final class PeerNetwork: Sendable {
     }
 }
 
-/// The inbound half: authenticates dialing validators and hands their frames to the node.
+/// The inbound half: authenticates dialing peers and hands validators' frames to the node. A TLS-bound key that the
+/// chain does not admit as a validator is served read-only (`ReadOnlyPeers`): status frames and rate-limited
+/// `GetBlocks`; its consensus and transaction frames end its stream and reach nothing.
 struct PeerEndpoint: RegistrableRPCService {
     let key: SigningKey
     let chainID: String
-    let isAllowed: @Sendable (PublicKey) -> Bool
+    /// Whether the chain admits a key as a validator peer now (full service).
+    let isValidatorPeer: @Sendable (PublicKey) -> Bool
+    let readOnly: ReadOnlyPeers
     let onFrame: @Sendable (NodeID, PeerFrame) -> Void
-    let blocks: @Sendable (BlockRangeRequest) throws -> BlockRangeResponse
+    let blocks: @Sendable (BlockRangeRequest, _ maxBlocks: Int) throws -> BlockRangeResponse
     let statusFrame: @Sendable () -> PeerFrame
     let logger: Logger
     /// A peer sending more frames than this in one second is cut off: the consensus loop's input must not grow
@@ -259,9 +268,9 @@ struct PeerEndpoint: RegistrableRPCService {
             forMethod: PeerService.gossip,
             deserializer: ProtobufWireDeserializer<PeerFrame>(),
             serializer: ProtobufWireSerializer<PeerFrame>()
-        ) { request, _ in
+        ) { request, context in
             StreamingServerResponse { writer in
-                try await gossip(request.messages, writer: writer)
+                try await gossip(request.messages, writer: writer, tlsKey: NodeTLS.boundKey(of: context))
                 return [:]
             }
         }
@@ -269,22 +278,36 @@ struct PeerEndpoint: RegistrableRPCService {
             forMethod: PeerService.getBlocks,
             deserializer: ProtobufWireDeserializer<BlockRangeRequest>(),
             serializer: ProtobufWireSerializer<BlockRangeResponse>()
-        ) { request, _ in
+        ) { request, context in
             let message = try await ServerRequest(stream: request).message
-            return StreamingServerResponse(single: ServerResponse(message: try blocks(message)))
+            return StreamingServerResponse(single: ServerResponse(message: try getBlocks(message, tlsKey: NodeTLS.boundKey(of: context))))
         }
     }
 
-    private func gossip(_ messages: RPCAsyncSequence<PeerFrame, any Error>, writer: RPCWriter<PeerFrame>) async throws {
+    /// A validator gets up to 200 blocks; a read-only key gets `maxBlocksPerCall`, within its bucket and the bound on
+    /// read-only calls in flight, or `RESOURCE_EXHAUSTED` with the refusal's code.
+    func getBlocks(_ request: BlockRangeRequest, tlsKey: PublicKey?) throws -> BlockRangeResponse {
+        guard let tlsKey else { throw RPCError(code: .unauthenticated, message: "no client certificate bound to a node key") }
+        if isValidatorPeer(tlsKey) { return try blocks(request, 200) }
+        let peer = tlsKey.nodeID
+        do { try readOnly.beginCall(peer) } catch {
+            logger.debug("read-only GetBlocks refused", metadata: ["peer": "\(peer.short)", "code": "\(error.code)"])
+            throw RPCError(code: .resourceExhausted, message: error.description)
+        }
+        defer { readOnly.endCall(peer) }
+        return try blocks(request, readOnly.limits.maxBlocksPerCall)
+    }
+
+    private func gossip(_ messages: RPCAsyncSequence<PeerFrame, any Error>, writer: RPCWriter<PeerFrame>, tlsKey: PublicKey?) async throws {
         var inbound = messages.makeAsyncIterator()
         guard case .hello(let clientKey, let clientNonce, let theirChain)? = try await inbound.next(),
               clientNonce.count == PeerHandshake.nonceLength else {
             throw RPCError(code: .invalidArgument, message: "the first frame must be hello with a 32-byte nonce")
         }
-        func reject(_ code: String, _ message: String) async throws -> Never {
+        func reject(_ code: String, _ message: String, status: RPCError.Code = .permissionDenied) async throws -> Never {
             logger.warning("peer refused", metadata: ["peer": "\(clientKey.nodeID.short)", "code": "\(code)", "reason": "\(message)"])
             try? await writer.write(.rejected(code: code, message: message))
-            throw RPCError(code: .permissionDenied, message: message)
+            throw RPCError(code: status, message: "\(code): \(message)")
         }
         guard theirChain == chainID else { try await reject("wrong_chain", "this is chain '\(chainID)', not '\(theirChain)'") }
         let serverNonce = PeerHandshake.randomNonce()
@@ -300,11 +323,18 @@ struct PeerEndpoint: RegistrableRPCService {
         guard clientKey.isValidSignature(signature, for: clientTranscript, domain: .peerHandshake) else {
             try await reject("bad_signature", "handshake signature does not verify for key \(clientKey.hex)")
         }
-        guard isAllowed(clientKey) else {
-            try await reject("not_a_validator", "key \(clientKey.nodeID) is not a validator of chain '\(chainID)'")
+        // The key of the handshake is the key of the TLS certificate: one identity per link.
+        guard tlsKey == clientKey else {
+            try await reject("key_mismatch", "the hello's key \(clientKey.nodeID) is not the key the TLS certificate is bound to")
         }
-        try await writer.write(.accepted)
         let peer = clientKey.nodeID
+        let isValidator = isValidatorPeer(clientKey)
+        if !isValidator {
+            do { try readOnly.openStream(peer) } catch { try await reject(error.code, error.message, status: .resourceExhausted) }
+        }
+        defer { if !isValidator { readOnly.closeStream(peer) } }
+        try await writer.write(.accepted)
+        if !isValidator { logger.debug("read-only peer connected", metadata: ["peer": "\(peer.short)"]) }
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 while true {
@@ -327,7 +357,19 @@ struct PeerEndpoint: RegistrableRPCService {
                     framesInWindow = 1
                 }
                 switch frame {
-                case .consensus, .tx, .status: onFrame(peer, frame)
+                case .consensus, .tx, .status:
+                    if isValidator { onFrame(peer, frame); continue }
+                    // Read-only: its status is not a sync source for validators (it serves no GetBlocks), and
+                    // nothing else it sends may reach the consensus loop or the mempool.
+                    let refusal: ReadOnlyRefusal
+                    switch frame {
+                    case .consensus: refusal = .consensusFrame
+                    case .tx: refusal = .transactionFrame
+                    default: continue
+                    }
+                    readOnly.record(refusal)
+                    logger.warning("read-only peer cut off", metadata: ["peer": "\(peer.short)", "code": "\(refusal.code)"])
+                    throw RPCError(code: .permissionDenied, message: refusal.description)
                 default: throw RPCError(code: .failedPrecondition, message: "handshake frame after the handshake")
                 }
             }

@@ -11,6 +11,17 @@ import Hummingbird
 import Logging
 import ServiceLifecycle
 
+/// What a chain node does: a validator votes and serves peers; a full node syncs read-only and never signs.
+public enum ChainNodeRole: String, Sendable, CaseIterable {
+    /// Runs consensus (votes once its key is in the set), gossips, serves peers and admits transactions.
+    case validator
+    /// Syncs blocks from validators over the peer service (every block's commit certificate checked against the set
+    /// of its height), applies them and serves the read-only HTTP API. It never signs a proposal or a vote, even if
+    /// its key is elected, sends no consensus or transaction frame, serves no peer port, and refuses `POST /txs`
+    /// with `read_only_node`.
+    case full
+}
+
 public struct ValidatorConfiguration: Sendable {
     public var genesis: Genesis
     public var dataDirectory: String
@@ -26,6 +37,10 @@ public struct ValidatorConfiguration: Sendable {
     public var peers: [PeerAddress]
     /// A peer that sends more frames than this in one second is disconnected.
     public var maxPeerFramesPerSecond = 20_000
+    /// `.full`: follow the chain read-only (see `ChainNodeRole`).
+    public var role = ChainNodeRole.validator
+    /// What a validator serves to keys outside the validator set.
+    public var readOnlyPeers = ReadOnlyPeerLimits()
 
     public init(genesis: Genesis, dataDirectory: String, httpHost: String = "127.0.0.1", httpPort: Int, p2pHost: String = "127.0.0.1",
                 p2pPort: Int, timeouts: TimeoutConfiguration = ValidatorConfiguration.defaultTimeouts, maxTxsPerBlock: Int = 10_000,
@@ -63,6 +78,8 @@ public struct ValidatorNode: Service {
     let store: BlockStore
     let driver: ChainDriver
     let peers: PeerNetwork
+    /// Keys this validator serves read-only (full nodes): admission, rate limits, refusals.
+    public let readOnlyPeers: ReadOnlyPeers
     let inputs: AsyncStream<ChainInput>
     let inputSink: AsyncStream<ChainInput>.Continuation
     let metricsText: @Sendable () -> [UInt8]
@@ -78,7 +95,7 @@ public struct ValidatorNode: Service {
         self.metricsText = metricsText
         self.onReady = onReady
         var logger = logger
-        logger[metadataKey: "validator"] = "\(key.nodeID.short)"
+        logger[metadataKey: configuration.role == .full ? "full_node" : "validator"] = "\(key.nodeID.short)"
         self.logger = logger
         let genesis = configuration.genesis
         try FileManager.default.createDirectory(atPath: configuration.dataDirectory, withIntermediateDirectories: true)
@@ -137,9 +154,15 @@ public struct ValidatorNode: Service {
         do { tls = try NodeTLS.loadOrCreate(in: configuration.dataDirectory, name: "p2p", key: key) } catch {
             throw ChainError.storage("p2p TLS: \(error)")
         }
-        peers = PeerNetwork(key: key, tls: tls, chainID: genesis.chainID, peers: genesisPeers + configuration.peers, logger: logger)
+        let isFull = configuration.role == .full
+        peers = PeerNetwork(key: key, tls: tls, chainID: genesis.chainID, peers: genesisPeers + configuration.peers, readOnly: isFull,
+                            logger: logger)
         peers.add(Self.registeredValidatorPeers(ledger))
-        if !ledger.validators.contains(where: { $0.nodeKey == key.publicKey }) {
+        readOnlyPeers = ReadOnlyPeers(limits: configuration.readOnlyPeers)
+        if isFull {
+            logger.notice("full node: follows the chain read-only, verifies every block's certificate, never votes",
+                          metadata: ["node": "\(key.nodeID)"])
+        } else if !ledger.validators.contains(where: { $0.nodeKey == key.publicKey }) {
             logger.notice("this node key is not in the current validator set: it follows the chain and votes once elected",
                           metadata: ["node": "\(key.nodeID)"])
         }
@@ -147,7 +170,7 @@ public struct ValidatorNode: Service {
         driver = try ChainDriver(chainID: genesis.chainID, key: key, store: store, wal: wal, mempool: mempool, view: view,
                                  peers: peers, inputs: inputSink, ledger: ledger, lastHash: lastHash, validators: validators,
                                  genesisValidators: genesisValidators, timeouts: configuration.timeouts, pendingUpdates: lastUpdates,
-                                 maxTxsPerBlock: configuration.maxTxsPerBlock, logger: logger)
+                                 maxTxsPerBlock: configuration.maxTxsPerBlock, votes: !isFull, logger: logger)
     }
 
     /// Whether the chain as it is now admits a peer key: a member of the next height's set, or a validator-role node
@@ -158,9 +181,10 @@ public struct ValidatorNode: Service {
         return node.role == .validator && node.status == .active
     }
 
-    /// A peer's GetBlocks: at most 200 blocks and half a message's bytes, whatever the request asks.
-    func blockRange(_ request: BlockRangeRequest) throws -> BlockRangeResponse {
-        let blocks = try store.blocks(from: request.from, limit: Int(min(max(request.limit, 1), 200)),
+    /// A peer's GetBlocks: at most `maxBlocks` (≤ 200) blocks and half a message's bytes, whatever the request asks.
+    func blockRange(_ request: BlockRangeRequest, maxBlocks: Int = 200) throws -> BlockRangeResponse {
+        let cap = UInt32(clamping: min(max(maxBlocks, 1), 200))
+        let blocks = try store.blocks(from: request.from, limit: Int(min(max(request.limit, 1), cap)),
                                       maxBytes: PeerService.maxMessageBytes / 2)
         return BlockRangeResponse(latestHeight: view.current.height, blocks: blocks.map { .init(value: $0.value, certificate: $0.certificate) })
     }
@@ -174,6 +198,7 @@ public struct ValidatorNode: Service {
 
     /// Admits a transaction (from the API or a peer); on success it is gossiped when `gossip` is set.
     public func submit(_ bytes: [UInt8], gossip: Bool = true) throws(MempoolRejection) -> Hash32 {
+        if configuration.role == .full { throw MempoolRejection.readOnlyNode }
         // Peers' gossip skips the store lookup: the ledger's dedup check already refuses a committed transaction.
         let id = try mempool.admit(bytes, ledger: view.current.ledger, store: gossip ? store : nil)
         if gossip { peers.broadcast(.tx(bytes)) }
@@ -186,9 +211,11 @@ public struct ValidatorNode: Service {
         let peers = peers
         let inputSink = inputSink
         let logger = logger
+        let readOnlyPeers = readOnlyPeers
         let endpoint = PeerEndpoint(
             key: key, chainID: genesis.chainID,
-            isAllowed: { key in Self.admits(key, view.current) },
+            isValidatorPeer: { key in Self.admits(key, view.current) },
+            readOnly: readOnlyPeers,
             onFrame: { [self] peer, frame in
                 switch frame {
                 case .consensus(let bytes):
@@ -205,14 +232,16 @@ public struct ValidatorNode: Service {
                 default: break
                 }
             },
-            blocks: { [self] request in try blockRange(request) },
+            blocks: { [self] request, maxBlocks in try blockRange(request, maxBlocks: maxBlocks) },
             statusFrame: { .status(height: view.current.height) },
             logger: logger,
             maxFramesPerSecond: configuration.maxPeerFramesPerSecond)
         let transport = HTTP2ServerTransport.Posix(
             address: .ipv4(host: configuration.p2pHost, port: configuration.p2pPort),
-            // Checked in the TLS handshake itself: nothing, GetBlocks included, is served to a key the chain does not admit.
-            transportSecurity: peers.tls.serverSecurity(admit: { key in Self.admits(key, view.current) }),
+            // Checked in the TLS handshake itself: nothing, GetBlocks included, is served to a client without a certificate
+            // bound to a node key; a key the chain does not admit as a validator gets in only while the read-only table
+            // has room for it, and then only the read-only service (PeerEndpoint).
+            transportSecurity: peers.tls.serverSecurity(admit: { key in Self.admits(key, view.current) || readOnlyPeers.canAdmit(key.nodeID) }),
             config: .defaults { $0.rpc.maxRequestPayloadSize = PeerService.maxMessageBytes }
         )
         let grpcServer = GRPCServer(transport: transport, services: [endpoint])
@@ -223,8 +252,11 @@ public struct ValidatorNode: Service {
         try await driver.start()
 
         try await withThrowingDiscardingTaskGroup { group in
-            group.addTask { try await grpcServer.serve() }
-            let p2pPort = try await transport.listeningAddress.ipv4?.port ?? configuration.p2pPort
+            // A full node serves no peer port: it only dials validators.
+            let servesPeers = configuration.role == .validator
+            if servesPeers { group.addTask { try await grpcServer.serve() } }
+            let p2pPort: Int
+            if servesPeers { p2pPort = try await transport.listeningAddress.ipv4?.port ?? configuration.p2pPort } else { p2pPort = 0 }
             group.addTask { await peers.run() }
             // The consensus loop: the only caller of the driver.
             group.addTask {
@@ -253,8 +285,8 @@ public struct ValidatorNode: Service {
                                      serverName: "edgematrix-validator"),
                 onServerRunning: { channel in
                     let httpPort = channel.localAddress?.port ?? 0
-                    logger.info("validator ready", metadata: ["http": "\(httpPort)", "p2p": "\(p2pPort)", "height": "\(view.current.height)",
-                                                              "chain": "\(genesis.chainID)"])
+                    logger.info("\(configuration.role == .full ? "full node" : "validator") ready",
+                                metadata: ["http": "\(httpPort)", "p2p": "\(p2pPort)", "height": "\(view.current.height)", "chain": "\(genesis.chainID)"])
                     await onReady(httpPort, p2pPort)
                 },
                 logger: logger

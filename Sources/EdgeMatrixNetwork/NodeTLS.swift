@@ -1,6 +1,7 @@
 import Crypto
 import EdgeMatrixCore
 import Foundation
+import GRPCCore
 import GRPCNIOTransportHTTP2
 import NIOCore
 import NIOSSL
@@ -85,6 +86,14 @@ public struct NodeTLS: Sendable {
               key.isValidSignature(Array(binding.value.suffix(64)), for: Array(certificate.publicKey.subjectPublicKeyInfoBytes),
                                    domain: .tlsBinding) else { return nil }
         return key
+    }
+
+    /// The node key the client of an RPC proved in the mutual TLS handshake, or nil when the transport gives no
+    /// client certificate bound to a key (then nothing may be served).
+    public static func boundKey(of context: ServerContext) -> PublicKey? {
+        guard let specific = context.transportSpecific as? HTTP2ServerTransport.Posix.Context,
+              let certificate = specific.peerCertificate, let der = try? certificate.derBytes else { return nil }
+        return boundKey(certificateDER: der)
     }
 
     /// A verification callback that passes a peer whose leaf certificate is bound to a key `accept` takes.

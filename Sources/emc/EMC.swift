@@ -76,19 +76,22 @@ struct Devnet: AsyncParsableCommand {
 
 struct Node: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run one node: a compute node beside your AI app, a router, or a validator.",
+        abstract: "Run one node: a compute node beside your AI app, a router, a validator, or a read-only full node.",
         discussion: """
         compute: --config FILE lists the routers to dial (address and pinned key) and the local apps (name, kind \
         openai|rest, base_url, models). The node key is DATA_DIR/node.key (created if missing).
         router:  serves the OpenAI-compatible API on --http-port and the compute-node tunnel on --tunnel-port.
         validator: runs consensus and the ledger for the chain in --genesis; the chain's HTTP JSON API is on \
         --http-port, other validators dial --p2p-port. Blocks live in DATA_DIR/chain.sqlite.
+        full: follows the chain in --genesis read-only: syncs blocks from the genesis validators and --peers (each \
+        block's commit certificate checked), serves the chain's read-only HTTP API on --http-port, never votes, \
+        refuses POST /txs (read_only_node) and opens no peer port.
         """
     )
 
-    enum Role: String, ExpressibleByArgument, CaseIterable { case compute, router, validator }
+    enum Role: String, ExpressibleByArgument, CaseIterable { case compute, router, validator, full }
 
-    @Option(help: "compute, router or validator.") var role: Role
+    @Option(help: "compute, router, validator or full (a read-only chain node).") var role: Role
     @Option(help: "Config file (required for compute nodes).") var config: String?
     @Option(name: .long, help: "Where the node keeps its key and state.") var dataDir: String = defaultDataDirectory()
     @Option(help: "Address to listen on (router).") var host: String = "127.0.0.1"
@@ -98,9 +101,9 @@ struct Node: AsyncParsableCommand {
     @Option(help: ArgumentHelp("A validator's HTTP API whose node registry decides which compute nodes may serve (router; default $EMC_NODE_URL).",
                                valueName: "URL"))
     var chain: String?
-    @Option(help: "Genesis file (validator).") var genesis: String?
+    @Option(help: "Genesis file (validator, full).") var genesis: String?
     @Option(help: "Port other validators dial (validator).") var p2pPort: Int = 26656
-    @Option(help: ArgumentHelp("Extra peers to dial, comma-separated NODE_KEY_HEX@HOST:PORT (validator; for one that joins by staking).",
+    @Option(help: ArgumentHelp("Extra peers to dial, comma-separated NODE_KEY_HEX@HOST:PORT (validator, full; the genesis validators are dialled anyway).",
                                valueName: "PEERS"))
     var peers: String?
 
@@ -126,6 +129,7 @@ struct Node: AsyncParsableCommand {
     func validate() throws {
         if role == .compute, config == nil { throw ValidationError("a compute node needs --config FILE") }
         if role == .validator, genesis == nil { throw ValidationError("a validator needs --genesis FILE (emc genesis new writes one)") }
+        if role == .full, genesis == nil { throw ValidationError("a full node needs --genesis FILE: the chain it follows") }
         for (name, port) in [("--http-port", httpPort), ("--tunnel-port", tunnelPort), ("--p2p-port", p2pPort)]
         where !(1...65535).contains(port) {
             throw ValidationError("\(name) must be a TCP port from 1 to 65535, got \(port)")
@@ -149,12 +153,17 @@ struct Node: AsyncParsableCommand {
             try await NodeRunner.runRouter(configuration: configuration, key: key, chainURL: chainURL!, logger: logger) { endpoints in
                 say("router \(key.nodeID) ready: http=\(endpoints.httpPort) tunnel=\(endpoints.tunnelPort) key=\(key.publicKey.hex)")
             }
-        case .validator:
-            let configuration = ValidatorConfiguration(
+        case .validator, .full:
+            var configuration = ValidatorConfiguration(
                 genesis: try ValidatorConfiguration.loadGenesis(path: absolute(genesis!)), dataDirectory: dataDir,
                 httpHost: host, httpPort: httpPort, p2pHost: host, p2pPort: p2pPort, peers: try peerAddresses())
+            configuration.role = role == .full ? .full : .validator
             try await NodeRunner.runValidator(configuration: configuration, key: key, logger: logger) { http, p2p in
-                say("validator \(key.nodeID) ready: http=\(http) p2p=\(p2p)")
+                if role == .full {
+                    say("full node \(key.nodeID) ready: http=\(http) (read-only)")
+                } else {
+                    say("validator \(key.nodeID) ready: http=\(http) p2p=\(p2p)")
+                }
                 say("EMC_NODE_URL=http://\(host):\(http)")
             }
         }

@@ -5,6 +5,8 @@ import EdgeMatrixCore
 import EdgeMatrixLedger
 import EdgeMatrixNetwork
 import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
 import Logging
 import ServiceLifecycle
 import Testing
@@ -21,7 +23,7 @@ final class InProcessChain: @unchecked Sendable {
     private let task: Task<Void, any Error>
 
     /// `validators` in the genesis, of which the first `running` are started.
-    init(validators: Int, running: Int, maxPeerFramesPerSecond: Int? = nil) throws {
+    init(validators: Int, running: Int, maxPeerFramesPerSecond: Int? = nil, readOnlyPeers: ReadOnlyPeerLimits? = nil) throws {
         directory = Harness.temporaryDirectory("chain-inproc")
         httpPorts = (0..<validators).map { _ in Harness.freePort() }
         p2pPorts = (0..<validators).map { _ in Harness.freePort() }
@@ -35,6 +37,7 @@ final class InProcessChain: @unchecked Sendable {
             var configuration = ValidatorConfiguration(genesis: genesis, dataDirectory: layout.validatorDirectory(i + 1),
                                                        httpPort: httpPorts[i], p2pPort: p2pPorts[i])
             if let maxPeerFramesPerSecond { configuration.maxPeerFramesPerSecond = maxPeerFramesPerSecond }
+            if let readOnlyPeers { configuration.readOnlyPeers = readOnlyPeers }
             nodes.append(try ValidatorNode(configuration: configuration, key: key, logger: logger))
         }
         self.nodes = nodes
@@ -149,7 +152,7 @@ extension Integration {
             #expect((status?["state_root"] as? String)?.count == 64)
         }
 
-        @Test("Peer transport: only pinned validator keys get in; a client refuses a server with the wrong key")
+        @Test("Peer transport: validator keys get full service, other TLS-bound keys read-only; no client certificate, a handshake key that is not the TLS key, or a wrong pin gets nothing")
         func peerAuthentication() async throws {
             let chain = try InProcessChain(validators: 2, running: 1)
             do { try await peers(chain) } catch {
@@ -167,35 +170,54 @@ extension Integration {
             let target = "127.0.0.1:\(chain.p2pPorts[0])"
             let validatorOne = try chain.key(0).publicKey
 
-            func network(_ key: SigningKey, pinning pinned: PublicKey) throws -> PeerNetwork {
-                PeerNetwork(key: key, tls: try NodeTLS.make(key: key), chainID: "emc-test",
+            func network(_ key: SigningKey, tlsKey: SigningKey? = nil, pinning pinned: PublicKey) throws -> PeerNetwork {
+                PeerNetwork(key: key, tls: try NodeTLS.make(key: tlsKey ?? key), chainID: "emc-test",
                             peers: [PeerAddress(key: pinned, endpoint: target)!], logger: logger)
             }
-            // An outsider key is refused by the server.
+            // An outsider key is let in read-only (a full node).
             let outsider = try network(SigningKey(), pinning: validatorOne)
-            // Validator 2's real key is let in.
+            // Validator 2's real key is let in as a validator.
             let insider = try network(try chain.key(1), pinning: validatorOne)
             // A client that pins another key refuses validator 1.
             let wrongKey = SigningKey().publicKey
             let wrongPin = try network(try chain.key(1), pinning: wrongKey)
-            let tasks = [Task { await outsider.run() }, Task { await insider.run() }, Task { await wrongPin.run() }]
+            // Catches: a handshake checked apart from the TLS identity (validator 2's handshake over an outsider's
+            // certificate would get a validator's service on a link TLS bound to someone else).
+            let mixed = try network(try chain.key(1), tlsKey: SigningKey(), pinning: validatorOne)
+            let tasks = [Task { await outsider.run() }, Task { await insider.run() }, Task { await wrongPin.run() }, Task { await mixed.run() }]
             defer { for t in tasks { t.cancel() } }
             try await Harness.eventually(timeout: .seconds(10), "the genuine validator connects") { insider.connectedCount == 1 }
+            try await Harness.eventually(timeout: .seconds(10), "the outsider connects read-only") { outsider.connectedCount == 1 }
             try await Task.sleep(for: .seconds(2))
-            #expect(outsider.connectedCount == 0)
             #expect(wrongPin.connectedCount == 0)
-            // The insider learns validator 1's height (0: one of two equal validators cannot commit) from its status
-            // frames; the refused clients learn nothing.
-            try await Harness.eventually(timeout: .seconds(10), "status frames reach the insider") {
-                insider.reportedHeight(of: validatorOne.nodeID) == 0
+            #expect(mixed.connectedCount == 0)
+            #expect(chain.nodes[0].readOnlyPeers.count >= 1)
+            // Both learn validator 1's height (0: one of two equal validators cannot commit) from its status frames;
+            // the refused clients learn nothing.
+            try await Harness.eventually(timeout: .seconds(10), "status frames reach the insider and the read-only peer") {
+                insider.reportedHeight(of: validatorOne.nodeID) == 0 && outsider.reportedHeight(of: validatorOne.nodeID) == 0
             }
-            #expect(outsider.reportedHeight(of: validatorOne.nodeID) == nil)
             #expect(wrongPin.reportedHeight(of: validatorOne.nodeID) == nil)
-            // The refusal is the TLS handshake's, before any RPC: not even GetBlocks, which has no handshake of its own,
-            // reaches an outsider or a client that pinned another key; the admitted key gets blocks.
-            await #expect(throws: (any Error).self) { _ = try await outsider.fetchBlocks(from: validatorOne.nodeID, start: 0, limit: 1) }
+            #expect(mixed.reportedHeight(of: validatorOne.nodeID) == nil)
+            // GetBlocks has no handshake of its own: a client that pinned another key gets nothing (its TLS handshake
+            // fails), the admitted key and the read-only key get blocks.
             await #expect(throws: (any Error).self) { _ = try await wrongPin.fetchBlocks(from: wrongKey.nodeID, start: 0, limit: 1) }
             #expect(try await insider.fetchBlocks(from: validatorOne.nodeID, start: 0, limit: 1) != nil)
+            #expect(try await outsider.fetchBlocks(from: validatorOne.nodeID, start: 0, limit: 1) != nil)
+            // Catches: a server that stops requiring a client certificate: without one, not even GetBlocks is served.
+            let anonymous = GRPCClient(transport: try HTTP2ClientTransport.Posix(
+                target: peerTarget(host: "127.0.0.1", port: chain.p2pPorts[0]),
+                transportSecurity: NodeTLS.clientSecurity(pinnedServer: validatorOne)))
+            let running = Task { try await anonymous.runConnections() }
+            defer { anonymous.beginGracefulShutdown(); running.cancel() }
+            var options = CallOptions.defaults
+            options.timeout = .seconds(5)
+            await #expect(throws: (any Error).self) {
+                _ = try await anonymous.unary(
+                    request: ClientRequest(message: BlockRangeRequest(from: 1, limit: 1)), descriptor: PeerService.getBlocks,
+                    serializer: ProtobufWireSerializer<BlockRangeRequest>(), deserializer: ProtobufWireDeserializer<BlockRangeResponse>(),
+                    options: options) { try $0.message }
+            }
         }
 
         @Test("Block codec round-trips and never traps on random bytes")
