@@ -258,6 +258,10 @@ extension Integration {
                 // A port out of range must be refused, not wrapped around (it once bound 99999999 mod 65536).
                 (["node", "--role", "router", "--http-port", "99999999", "--data-dir", chain.directory + "/router"], "--http-port"),
                 (["node", "--role", "validator", "--genesis", chain.layout.genesisPath, "--p2p-port", "-1", "--data-dir", chain.directory + "/v"], "--p2p-port"),
+                // A full node follows one chain: without a genesis file it does not start.
+                (["node", "--role", "full", "--data-dir", chain.directory + "/full"], "a full node needs --genesis"),
+                (["node", "--role", "full", "--genesis", chain.layout.genesisPath, "--peers", "127.0.0.1:1", "--data-dir", chain.directory + "/full"],
+                 "NODE_KEY_HEX@HOST:PORT"),
             ]
             for (arguments, says) in cases {
                 let run = try CLIRun.run(executable: Harness.emcBinary, arguments, timeout: 20)
