@@ -329,6 +329,10 @@ extension Integration {
             }
             await full.stop()
             await chain.stop()
+            // Not even signed and kept: its WAL, where a voting engine records every message it signs, holds none.
+            let records = try FileWAL(path: chain.directory + "/full/consensus.wal").replay()
+            let signed = records.filter { if case .signed = $0 { true } else { false } }
+            #expect(signed.isEmpty, "the full node signed \(signed.count) consensus messages")
         }
     }
 }
