@@ -40,6 +40,63 @@ final class InProcessFullNode: @unchecked Sendable {
 extension Integration {
     @Suite("Full nodes sync read-only", .serialized)
     struct FullNodeTests {
+        // MARK: The read-only table, on a given clock
+
+        /// Catches: a bucket that does not refill (or refills past its size), a clock jump that traps or overflows, an
+        /// admission that exceeds the table's bound, a key evicted while it holds a stream, and churning keys that
+        /// get a fresh bucket before the old one would have refilled.
+        @Test("read-only table: token bucket refill and cap, bounded keys, idle eviction only, bounded calls in flight and streams")
+        func readOnlyTable() throws {
+            let limits = ReadOnlyPeerLimits(maxPeers: 2, callsPerSecond: 10, burst: 3, maxConcurrentCalls: 2, maxStreamsPerPeer: 1,
+                                            idleEviction: .seconds(1))
+            let table = ReadOnlyPeers(limits: limits)
+            let (a, b, c) = (SigningKey().nodeID, SigningKey().nodeID, SigningKey().nodeID)
+            let t0 = ContinuousClock.now
+            // The burst, then refusal; 100 ms gives one more call (10 a second), never more than the burst.
+            for _ in 0..<3 {
+                try table.beginCall(a, now: t0)
+                table.endCall(a, now: t0)
+            }
+            #expect(throws: ReadOnlyRefusal.rateLimited) { try table.beginCall(a, now: t0) }
+            #expect(throws: ReadOnlyRefusal.rateLimited) { try table.beginCall(a, now: t0 + .milliseconds(99)) }
+            try table.beginCall(a, now: t0 + .milliseconds(100))
+            table.endCall(a, now: t0 + .milliseconds(100))
+            // A huge gap (a clock far ahead) fills the bucket to its size, no more, and traps nothing.
+            let later = t0 + .seconds(Int64(Int32.max) * 4)
+            for _ in 0..<3 {
+                try table.beginCall(a, now: later)
+                table.endCall(a, now: later)
+            }
+            #expect(throws: ReadOnlyRefusal.rateLimited) { try table.beginCall(a, now: later) }
+            #expect(table.refusals(.rateLimited) == 3)
+
+            // Calls in flight are bounded over all keys.
+            try table.beginCall(b, now: t0)
+            try table.beginCall(b, now: t0)
+            #expect(throws: ReadOnlyRefusal.busy) { try table.beginCall(b, now: t0) }
+            table.endCall(b, now: t0)
+            table.endCall(b, now: t0)
+
+            // Two keys fill the table; a third is refused while both are active, and the one with a stream stays.
+            try table.openStream(b, now: t0)
+            #expect(throws: ReadOnlyRefusal.tooManyStreams) { try table.openStream(b, now: t0) }
+            #expect(table.count == 2)
+            #expect(!table.canAdmit(c, now: later))  // a holds no stream but was active at `later`
+            #expect(throws: ReadOnlyRefusal.tooManyPeers) { try table.beginCall(c, now: later) }
+            // Once a has been idle long enough, c takes its place; b, holding a stream, is never evicted.
+            let idle = later + .seconds(2)
+            #expect(table.canAdmit(c, now: idle))
+            try table.beginCall(c, now: idle)
+            table.endCall(c, now: idle)
+            #expect(table.count == 2)
+            #expect(throws: ReadOnlyRefusal.tooManyPeers) { try table.openStream(a, now: idle) }
+            table.closeStream(b, now: idle)
+            // When room is needed every idle key goes (their buckets are full again: they lose nothing).
+            try table.openStream(a, now: idle + .seconds(2))
+            #expect(table.count == 1)
+            #expect(ReadOnlyRefusal.rateLimited.description.hasPrefix("rate_limited: "))
+        }
+
         // MARK: (a) a real `emc node --role full` process follows four validator processes
 
         /// Catches: a validator that refuses a TLS-bound key outside the set (the state before full nodes: sync never
