@@ -194,6 +194,7 @@ struct ChainAPI: Sendable {
                     object["stake_status"] = stake.status.rawValue
                 }
                 object["eligible"] = s.ledger.isEligible(node.nodeKey)
+                if let height = s.ledger.routerDefaultHeight(node.nodeKey) { object["defaulted_at_height"] = height }
                 return object
             }
             return jsonResponse(["height": s.height, "nodes": nodes] as [String: Any])
@@ -238,8 +239,26 @@ struct ChainAPI: Sendable {
             }
             let s = view.current
             let cursor = s.ledger.settlementCursor(router: routerKey)
-            return jsonResponse(["router": routerKey.hex, "height": s.height, "next_batch": cursor.nextBatch,
-                                 "next_sequence": cursor.nextSequence] as [String: Any])
+            var object: [String: Any] = ["router": routerKey.hex, "height": s.height, "next_batch": cursor.nextBatch,
+                                         "next_sequence": cursor.nextSequence, "defaulted": s.ledger.routerDefaultHeight(routerKey) != nil,
+                                         "open_notices": s.ledger.openNoticeCount(router: routerKey)]
+            if let height = s.ledger.routerDefaultHeight(routerKey) { object["defaulted_at_height"] = height }
+            return jsonResponse(object)
+        }
+        router.get("/notices") { request, _ in
+            // Receipts compute nodes noticed or settled themselves (kind 14), of one router and/or node.
+            func key(_ name: String) throws -> PublicKey? {
+                guard let text = request.uri.queryParameters[Substring(name)] else { return nil }
+                guard let key = try? PublicKey(hex: String(text)) else {
+                    throw ChainAPIError.badRequest("invalid_\(name)", "\(name) must be a node key, 64 hex digits")
+                }
+                return key
+            }
+            let routerKey = try key("router"), nodeKey = try key("node")
+            let s = view.current
+            return jsonResponse(["height": s.height,
+                                 "defaulted_routers": s.ledger.defaultedRouters.map { ["router": $0.router.hex, "defaulted_at_height": $0.height] as [String: Any] },
+                                 "notices": s.ledger.receiptNotices(router: routerKey, node: nodeKey).map(noticeJSON)] as [String: Any])
         }
         router.get("/earnings/:key") { _, context in
             // A node key gives that node's income; an owner key the income of every node it owns.
@@ -313,6 +332,14 @@ func settlementJSON(_ r: SettlementRecord) -> [String: Any] {
      "reverted_base_units": r.revertedTotal]
 }
 
+/// One noticed receipt (kind 14) as the API shows it.
+func noticeJSON(_ n: ReceiptNotice) -> [String: Any] {
+    ["router": n.router.hex, "node": n.node.hex, "node_id": n.node.nodeID.description, "payer": n.payer.description,
+     "sequence": n.sequence, "attempt": n.attempt, "amount": Amount(baseUnits: n.amount).description, "amount_base_units": n.amount,
+     "charged_base_units": n.charged, "status": n.status.rawValue, "noticed_height": n.noticedAtHeight, "due_height": n.dueAtHeight,
+     "settled_height": n.settledAtHeight, "tx": n.tx.hex]
+}
+
 /// One node's income in one epoch (EMC strings, base units alongside).
 func earningsJSON(node: PublicKey, _ e: NodeEarnings) -> [String: Any] {
     let total = e.asNode.addingReportingOverflow(e.asRouter)
@@ -360,6 +387,10 @@ func txJSON(_ tx: Transaction) -> [String: Any] {
         object["router"] = c.router.hex
         object["batch"] = c.batchNumber
         object["claim"] = c.claim.name
+    case .nodeSettle(let n):
+        object["router"] = n.router.hex
+        object["node_key"] = n.node.hex
+        object["receipt_count"] = n.receipts.count
     default:
         break
     }

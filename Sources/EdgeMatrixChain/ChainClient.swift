@@ -128,6 +128,17 @@ public struct ChainClient: Sendable {
         return (batch, sequence)
     }
 
+    /// `GET /notices[?router=KEY][&node=KEY]`: receipts compute nodes noticed or settled themselves (kind 14).
+    public func notices(router: PublicKey? = nil, node: PublicKey? = nil) async throws -> [[String: Any]] {
+        let query = [router.map { "router=\($0.hex)" }, node.map { "node=\($0.hex)" }].compactMap { $0 }.joined(separator: "&")
+        return try await field("notices", of: query.isEmpty ? "/notices" : "/notices?" + query, as: "a `notices` array")
+    }
+
+    /// `GET /settlements/cursor/KEY`'s `defaulted_at_height`: the height at which the router missed a deadline, or nil.
+    public func routerDefaultHeight(router: PublicKey) async throws -> UInt64? {
+        (try await get("/settlements/cursor/\(router.hex)")["defaulted_at_height"] as? NSNumber)?.uint64Value
+    }
+
     /// `GET /earnings/KEY`: income per epoch of a node, or of every node an owner key owns.
     public func earnings(of key: PublicKey) async throws -> [[String: Any]] {
         try await field("earnings", of: "/earnings/\(key.hex)", as: "an `earnings` array")

@@ -102,6 +102,9 @@ public enum BlockEvent: Hashable, Sendable {
     case settlementFinal(SettlementKey, total: Amount, routerFees: Amount, burned: Amount)
     /// A held node share came out of its audit window and was paid to the node owner.
     case payoutReleased(HeldPayout)
+    /// `router` missed a settlement deadline: its open notices (`receipts` of them) settled, `paid` leaving the
+    /// escrows, `burned` of it burned (protocol fees); the node shares are now held.
+    case routerDefaulted(router: PublicKey, receipts: UInt64, paid: Amount, burned: Amount)
 }
 
 // MARK: - Applying escrow and pricing transactions
@@ -145,6 +148,7 @@ extension LedgerState {
         let payer = Account(owner: signer, subaccount: o.fromSubaccount)
         guard o.amount > .zero else { return .failure(.zeroAmount(field: "amount")) }
         if case .failure(let error) = activeNode(o.router, role: .router) { return .failure(error) }
+        if let height = routerDefaults[o.router] { return .failure(.routerDefaulted(router: o.router, atHeight: height)) }
         let cap = escrowCap(router: o.router).baseUnits
         let held = routerEscrowTotals[o.router] ?? 0
         let (total, overflow) = held.addingReportingOverflow(o.amount.baseUnits)

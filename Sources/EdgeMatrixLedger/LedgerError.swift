@@ -60,6 +60,10 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
     case settlementOutOfOrder(router: PublicKey, expected: SettlementCursor, gotBatch: UInt64, gotFirstSequence: UInt64)
     case unknownSettlement(router: PublicKey, batch: UInt64)
     case challengeWindowClosed(router: PublicKey, batch: UInt64, finalAtHeight: UInt64)
+    // Node settlement (kind 14)
+    case routerDefaulted(router: PublicKey, atHeight: UInt64)
+    case receiptRefused(index: UInt32, code: String, message: String)
+    case noticeLimitReached(router: PublicKey, limit: UInt64)
     // Consensus-reported misbehaviour
     case unknownValidator(nodeKey: PublicKey)
     case evidenceAlreadyUsed(Hash32)
@@ -113,6 +117,9 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .settlementOutOfOrder: "SettlementOutOfOrder"
         case .unknownSettlement: "UnknownSettlement"
         case .challengeWindowClosed: "ChallengeWindowClosed"
+        case .routerDefaulted: "RouterDefaulted"
+        case .receiptRefused: "ReceiptRefused"
+        case .noticeLimitReached: "NoticeLimitReached"
         case .unknownValidator: "UnknownValidator"
         case .evidenceAlreadyUsed: "EvidenceAlreadyUsed"
         }
@@ -165,6 +172,11 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .unknownSettlement(let router, let batch): "router \(router.nodeID) has no settlement batch \(batch) on chain"
         case .challengeWindowClosed(let router, let batch, let height):
             "the challenge window of router \(router.nodeID)'s batch \(batch) closed at the end of block \(height); it is final"
+        case .routerDefaulted(let router, let height):
+            "router \(router.nodeID) missed a settlement deadline at the end of block \(height): it may no longer settle or take escrow, and its compute nodes settle their own receipts"
+        case .receiptRefused(let index, let code, let message): "receipt \(index) refused (\(code)): \(message)"
+        case .noticeLimitReached(let router, let limit):
+            "router \(router.nodeID) already has \(limit) noticed receipts waiting for its deadline; wait for them to settle or lapse"
         case .unknownValidator(let key): "no validator node \(key.nodeID) with a stake to slash"
         case .evidenceAlreadyUsed(let id): "evidence \(id) was already used to slash"
         }

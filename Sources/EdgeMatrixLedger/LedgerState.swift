@@ -33,6 +33,9 @@ public enum TxEffect: Hashable, Sendable {
     case settled(router: PublicKey, batch: UInt64, total: Amount, finalAtHeight: UInt64)
     case challengeUpheld(router: PublicKey, batch: UInt64, code: String, reverted: Amount, slashed: Amount, reward: Amount, compensation: Amount)
     case challengeDismissed(router: PublicKey, batch: UInt64, code: String, bondBurned: Amount)
+    /// A compute node noticed `receipts` receipts of `router` worth `amount`; `charged` of it moved to pending.
+    /// `dueAtHeight` is the router's deadline; nil when the router had already defaulted and the receipts settled at once.
+    case receiptsNoticed(router: PublicKey, node: PublicKey, receipts: UInt32, amount: Amount, charged: Amount, dueAtHeight: UInt64?)
 }
 
 public struct TxOutcome: Hashable, Sendable {
@@ -83,6 +86,10 @@ public struct LedgerState: Sendable {
     var settlementCursors: [PublicKey: SettlementCursor] = [:]
     /// Node shares of final settlements by the height their audit window ends, in the order they were made.
     var heldPayouts: [UInt64: [HeldPayout]] = [:]
+    /// Receipts compute nodes noticed (kind 14), open or settled; see NodeSettlement.swift.
+    var receiptNotices: [ReceiptNoticeKey: ReceiptNotice] = [:]
+    /// Routers that missed a settlement deadline, with the height at whose end they did.
+    var routerDefaults: [PublicKey: UInt64] = [:]
 
     // Indexes derivable from the state above; not part of the state root.
     var stakeUsers: [UInt64: PublicKey] = [:]
@@ -95,6 +102,12 @@ public struct LedgerState: Sendable {
     var settlementsDue: [UInt64: [SettlementKey]] = [:]
     /// Income per node and epoch, for `earnings(node:)` (derivable from the blocks).
     var nodeEarnings: [PublicKey: [UInt64: NodeEarnings]] = [:]
+    /// Open notices per router (derivable from `receiptNotices`).
+    var openNotices: [PublicKey: Set<ReceiptNoticeKey>] = [:]
+    /// Notice keys by the height their deadline ends (entries may be stale: lapsed or settled since).
+    var noticesDue: [UInt64: [ReceiptNoticeKey]] = [:]
+    /// The payer of every noticed request (derivable from `receiptNotices`).
+    var noticedRequests: [NoticedRequest: Account] = [:]
 
     struct DedupEntry: Hashable, Sendable {
         var location: TxLocation
@@ -238,6 +251,7 @@ public struct LedgerState: Sendable {
         case .setRouterFee(let f): result = applySetRouterFee(f, signer: tx.signer, commit: commit)
         case .settle(let batch): result = applySettle(batch, signer: tx.signer, height: context.height, tx: id, commit: commit)
         case .challengeSettlement(let c): result = applyChallenge(c, signer: tx.signer, commit: commit)
+        case .nodeSettle(let n): result = applyNodeSettle(n, signer: tx.signer, height: context.height, tx: id, commit: commit)
         }
         switch result {
         case .failure(let error):
@@ -466,12 +480,14 @@ public struct LedgerState: Sendable {
 
     /// The deterministic per-height step, run after the block's transactions and before `endBlock`: everything
     /// that falls due at `height` happens here, in a fixed order (docs/SETTLEMENT.md § 5): escrow withdrawals,
-    /// then settlements whose challenge window ends (money moves), then node payouts whose audit window ends.
+    /// then settlements whose challenge window ends (money moves), then routers whose settlement deadline passed
+    /// (their nodes' notices settle), then node payouts whose audit window ends.
     /// Nothing here may read a clock or depend on dictionary order.
     public mutating func finishHeight(_ height: UInt64) -> [BlockEvent] {
         var events = [BlockEvent]()
         events += returnDueEscrows(height: height)
         events += finaliseDueSettlements(height: height)
+        events += defaultLateRouters(height: height)
         events += releaseDuePayouts(height: height)
         return events
     }

@@ -108,30 +108,7 @@ public struct RegistryLeafVerifier: SettlementLeafVerifier {
     public init(ledger: LedgerState) { nodes = ledger.nodes }
 
     public func verifyLeaf(_ receiptBytes: [UInt8], batch: SettlementBatch) throws(SettlementLeafRejection) -> SettlementLeafValue {
-        let receipt: Receipt
-        do { receipt = try Receipt(settlementBytes: receiptBytes) } catch {
-            throw SettlementLeafRejection(code: "receipt_malformed", message: error.description)
-        }
-        let body = receipt.body
-        guard body.router == batch.router else {
-            throw SettlementLeafRejection(code: "receipt_wrong_router", message: "the receipt names router \(body.routerID), not the batch's")
-        }
-        guard let node = nodes[body.node], node.role == .compute else {
-            throw SettlementLeafRejection(code: "receipt_unknown_node", message: "node \(body.nodeID) is not a registered compute node")
-        }
-        do { try receipt.verify(nodeKey: body.node, routerKey: batch.router) } catch {
-            throw SettlementLeafRejection(code: error == .badRouterSignature ? "receipt_bad_router_signature" : "receipt_bad_node_signature",
-                                          message: error.description)
-        }
-        let registered = [node.prices, node.priorPrices].flatMap { list in
-            PricedWorkKind.allCases.map { list.unitPrices(model: body.model, app: body.app, kind: $0) }
-        }
-        guard registered.contains(body.prices) else {
-            throw SettlementLeafRejection(code: "receipt_unregistered_price", message: "the receipt's prices are not node \(body.nodeID)'s registered prices")
-        }
-        guard let amount = body.cost else {
-            throw SettlementLeafRejection(code: "receipt_cost_overflow", message: "units × prices exceed 2^64 − 1 base units")
-        }
+        let (body, amount) = try Self.verify(receiptBytes, router: batch.router, nodes: nodes)
         return SettlementLeafValue(key: SettlementLeafKey(payer: body.payer, node: body.node, sequence: body.sequence, attempt: body.attempt),
                                    amount: amount)
     }

@@ -130,6 +130,7 @@ extension BlockEvent {
         case .escrowReturned: nil
         case .settlementFinal(let key, _, _, _): key
         case .payoutReleased(let payout): payout.settlement
+        case .routerDefaulted: nil
         }
     }
 }
@@ -170,6 +171,8 @@ extension LedgerState {
         guard router.role == .router else { return .failure(.wrongNodeRole(nodeKey: batch.router, role: router.role, expected: .router)) }
         // A retired router still settles what it served.
         guard signer == batch.router || signer == router.owner else { return .failure(.notNodeOwner(nodeKey: batch.router)) }
+        // A router that missed a deadline has been replaced by its nodes' own settlements (§ 10).
+        if let height = routerDefaults[batch.router] { return .failure(.routerDefaulted(router: batch.router, atHeight: height)) }
         let cursor = settlementCursor(router: batch.router)
         guard batch.batchNumber == cursor.nextBatch, batch.firstSequence == cursor.nextSequence else {
             return .failure(.settlementOutOfOrder(router: batch.router, expected: cursor, gotBatch: batch.batchNumber,
@@ -186,9 +189,19 @@ extension LedgerState {
             charges[entry.payer, default: 0] += entry.amount  // Σ amount ≤ batch total, which fits in u64
         }
         let payers = charges.keys.sorted()
+        // Nodes' open notices in the batch's range lapse (the batch covers them); their charges come back first.
+        let lapsing = lapsingNotices(router: batch.router, sequences: batch.sequenceRange)
+        var released = [Account: UInt64]()
+        for key in lapsing { if let notice = receiptNotices[key] { released[notice.payer, default: 0] += notice.charged } }
         for payer in payers {
             let key = EscrowKey(payer: payer, router: batch.router)
-            if let error = escrowCharge(key, Amount(baseUnits: charges[payer] ?? 0), commit: false) { return .failure(error) }
+            let charge = charges[payer] ?? 0, back = released[payer] ?? 0
+            guard let escrow = escrows[key] else { return .failure(.unknownEscrow(payer: payer, router: batch.router)) }
+            let available = escrow.available.baseUnits + back  // back ≤ pending ≤ balance
+            guard charge <= available else {
+                return .failure(.escrowInsufficient(payer: payer, router: batch.router, available: Amount(baseUnits: available),
+                                                    needed: Amount(baseUnits: charge)))
+            }
         }
         let fee = parameters.transferFee
         let owner = Account(owner: router.owner)
@@ -199,6 +212,7 @@ extension LedgerState {
                                       finalAtHeight: finalAt)
         guard commit else { return .success((fee, effect)) }
         debit(owner, fee.baseUnits)
+        for key in lapsing { lapseNotice(key) }
         for payer in payers { _ = escrowCharge(EscrowKey(payer: payer, router: batch.router), Amount(baseUnits: charges[payer] ?? 0)) }
         settlements[key] = SettlementRecord(
             key: key, firstSequence: batch.firstSequence, lastSequence: batch.lastSequence,
@@ -266,7 +280,11 @@ extension LedgerState {
         var events = [BlockEvent]()
         for payout in due {
             credit(payout.owner, payout.amount.baseUnits)
-            if let epoch = settlements[payout.settlement]?.epoch, var earning = nodeEarnings[payout.node]?[epoch] {
+            // A node-settled share (§ 10) was held at its settlement height plus the audit window.
+            let epoch: UInt64? = payout.settlement.batchNumber == SettlementKey.nodeSettledBatch
+                ? (height - min(height, parameters.auditWindowBlocks)) / parameters.epochLengthBlocks
+                : settlements[payout.settlement]?.epoch
+            if let epoch, var earning = nodeEarnings[payout.node]?[epoch] {
                 earning.held = earning.held.subtractingSaturating(payout.amount.baseUnits)
                 nodeEarnings[payout.node]?[epoch] = earning
             }

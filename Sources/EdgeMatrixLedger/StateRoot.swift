@@ -6,7 +6,7 @@ import EdgeMatrixCore
 extension LedgerState {
     enum Section: UInt8 {
         case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6, escrow = 7
-        case settlement = 8, settlementCursor = 9, heldPayout = 10
+        case settlement = 8, settlementCursor = 9, heldPayout = 10, receiptNotice = 11, routerDefault = 12
     }
 
     public func stateRoot() -> Hash32 { MerkleTree.root(leaves: stateLeaves()) }
@@ -127,6 +127,23 @@ extension LedgerState {
                 p.amount.encode(to: &w)
                 w.writeRaw(p.settlement.keyBytes)
             }
+        }
+        keyed(.receiptNotice, receiptNotices.map { ($0.key, []) }, key: { $0.keyBytes }) { key in
+            { w in
+                let n = self.receiptNotices[key]!
+                n.payer.encode(to: &w)
+                w.writeRaw(n.node.rawRepresentation)
+                w.write(n.amount)
+                w.write(n.charged)
+                w.write(n.noticedAtHeight)
+                w.write(n.dueAtHeight)
+                w.writeRaw(n.tx.bytes)
+                w.write(n.status.tag)
+                w.write(n.settledAtHeight)
+            }
+        }
+        keyed(.routerDefault, routerDefaults.map { ($0.key, []) }, key: { $0.rawRepresentation }) { router in
+            { w in w.write(self.routerDefaults[router] ?? 0) }
         }
         return leaves
     }

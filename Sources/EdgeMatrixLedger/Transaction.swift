@@ -172,6 +172,8 @@ public enum TransactionKind: Hashable, Sendable {
     case settle(SettlementBatch)
     /// A fraud proof against a pending settlement, with a bond (docs/SETTLEMENT.md § 9).
     case challengeSettlement(SettlementChallenge)
+    /// A compute node notices (or, after its router defaulted, settles) its own countersigned receipts (docs/SETTLEMENT.md § 10).
+    case nodeSettle(NodeSettlement)
 
     public var name: String {
         switch self {
@@ -188,6 +190,7 @@ public enum TransactionKind: Hashable, Sendable {
         case .setRouterFee: "set_router_fee"
         case .settle: "settle"
         case .challengeSettlement: "challenge_settlement"
+        case .nodeSettle: "node_settle"
         }
     }
 }
@@ -270,6 +273,9 @@ extension TransactionBody: CanonicalCodable {
             c.router.encode(to: &writer)
             writer.write(c.batchNumber)
             c.claim.encode(to: &writer)
+        case .nodeSettle(let n):
+            writer.write(UInt8(14))
+            n.encode(to: &writer)
         }
     }
 
@@ -328,7 +334,8 @@ extension TransactionBody: CanonicalCodable {
             let router = try PublicKey(from: &reader)
             let batch = try reader.readUInt64()
             kind = .challengeSettlement(SettlementChallenge(router: router, batchNumber: batch, claim: try SettlementClaim(from: &reader)))
-        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 13)")
+        case 14: kind = .nodeSettle(try NodeSettlement(from: &reader))
+        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 14)")
         }
     }
 }
@@ -363,9 +370,10 @@ public struct Transaction: Hashable, Sendable {
             body = try TransactionBody(from: &reader)
             try reader.expectEnd()
         } catch { throw .malformed(error.description) }
-        // Only settlement batches and challenges (which carry receipts and witnesses) may exceed the ordinary limit.
+        // Only settlement batches, challenges and node settlements (which carry receipts and witnesses) may exceed
+        // the ordinary limit.
         switch body.kind {
-        case .settle, .challengeSettlement: break
+        case .settle, .challengeSettlement, .nodeSettle: break
         default:
             guard bodyBytes.count <= TransactionLimits.maxTransactionBytes else {
                 throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)

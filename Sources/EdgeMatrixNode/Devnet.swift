@@ -90,6 +90,8 @@ public struct Devnet: Sendable {
             nodeLogger[metadataKey: "node"] = "compute-\(index)"
             let outbox = try ReceiptOutbox(path: layout.computeDirectory(index) + "/outbox.sqlite", logger: nodeLogger)
             services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, outbox: outbox, logger: nodeLogger))
+            services.append(ReceiptNoticeService(client: ChainClient(baseURL: layout.nodeURL), nodeKey: key, outbox: outbox,
+                                                 routers: [routerKey.publicKey], logger: nodeLogger))
         }
         services += try validators()
         // After the validators: their genesis creates the funded account the key is bound to.

@@ -8,14 +8,24 @@ import ServiceLifecycle
 
 /// Runs a single node role under a service group with graceful shutdown on SIGINT/SIGTERM.
 public enum NodeRunner {
-    /// The node keeps its unacknowledged receipts in DATA_DIR/outbox.sqlite, so they survive a crash.
-    public static func runCompute(configPath: String, key: SigningKey, dataDirectory: String, logger: Logger) async throws {
+    /// The node keeps its unacknowledged receipts in DATA_DIR/outbox.sqlite, so they survive a crash. With `chainURL`
+    /// (a validator's HTTP API) it also settles its own countersigned receipts when a router does not
+    /// (`ReceiptNoticeService`, docs/SETTLEMENT.md § 10).
+    public static func runCompute(configPath: String, key: SigningKey, dataDirectory: String, chainURL: String? = nil,
+                                  noticeGraceBlocks: UInt64? = nil, logger: Logger) async throws {
         NodeMetrics.bootstrap()
         let configuration = try ComputeConfiguration.load(from: configPath)
         let outbox = try ReceiptOutbox(path: dataDirectory + "/outbox.sqlite", logger: logger)
         let httpClient = HTTPClient(eventLoopGroupProvider: .singleton)
         let node = ComputeNode(configuration: configuration, key: key, httpClient: httpClient, outbox: outbox, logger: logger)
-        let group = ServiceGroup(services: [node], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        var services: [any Service] = [node]
+        if let chainURL {
+            services.append(ReceiptNoticeService(client: ChainClient(baseURL: chainURL), nodeKey: key, outbox: outbox,
+                                                 routers: configuration.routers.map(\.key), logger: logger, graceBlocks: noticeGraceBlocks))
+        } else {
+            logger.warning("no --chain given: this node cannot settle its own receipts should a router stop settling them")
+        }
+        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do { try await group.run() } catch {
             try? await httpClient.shutdown()
             throw error

@@ -547,7 +547,7 @@ struct Query: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Read the chain through a validator's HTTP API: emc query <what> [--json].",
         subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self, Params.self, EscrowQuery.self,
-                      SettlementsQuery.self, EarningsQuery.self])
+                      SettlementsQuery.self, NoticesQuery.self, EarningsQuery.self])
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Chain id, latest committed height, block hash, state root, mempool size.")
@@ -808,6 +808,38 @@ extension Query {
                 ["\(s["router_id"] ?? "")", "\(s["batch"] ?? "")", "\(s["first_sequence"] ?? "")–\(s["last_sequence"] ?? "")", "\(s["epoch"] ?? "")",
                  "\(s["receipt_count"] ?? "")", "\(s["pair_count"] ?? "")", "\(s["total"] ?? "")", "\(s["status"] ?? "")",
                  "block \(s["final_height"] ?? "")"]
+            })
+        }
+    }
+
+    struct NoticesQuery: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "notices",
+            abstract: "Receipts compute nodes settle themselves because their router did not (node_settle), of one router or node.",
+            discussion: """
+            A compute node notices on chain the countersigned receipts its router has not settled; the payer's escrow \
+            holds their worth from then on. If the router's batches cover them before the deadline \
+            (settlement_deadline_blocks), the notices lapse; if not, the router is defaulted and they settle: the node \
+            owner gets the worth minus the protocol fee, the router nothing. --json prints an array, in router, \
+            sequence, attempt order: router, node, node_id, payer, sequence, attempt, amount (EMC), amount_base_units, \
+            charged_base_units (what the escrow held for it), status (open | settled), noticed_height, due_height, \
+            settled_height (0 while open) and tx.
+            """)
+        @Option(help: "Only this router: its node key (64 hex digits) or its key file.") var router: String?
+        @Option(name: .customLong("node-key"), help: "Only this compute node: its node key (64 hex digits) or its key file.") var nodeKey: String?
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let routerKey = try router.map { try parsePublicKeyArgument($0, option: "--router") }
+            let computeKey = try nodeKey.map { try parsePublicKeyArgument($0, option: "--node-key") }
+            let notices = try await node.client().notices(router: routerKey, node: computeKey)
+            if output.json { return printJSON(notices) }
+            if notices.isEmpty { return say("no receipts noticed by compute nodes") }
+            printTable(["ROUTER", "NODE ID", "SEQUENCE", "ATTEMPT", "AMOUNT (EMC)", "STATUS", "DUE AT", "SETTLED AT"], notices.map { n in
+                [String("\(n["router"] ?? "")".prefix(12)), "\(n["node_id"] ?? "")", "\(n["sequence"] ?? "")", "\(n["attempt"] ?? "")",
+                 "\(n["amount"] ?? "")", "\(n["status"] ?? "")", "block \(n["due_height"] ?? "")",
+                 (n["settled_height"] as? Int).flatMap { $0 > 0 ? "block \($0)" : nil } ?? "-"]
             })
         }
     }

@@ -79,7 +79,8 @@ struct Node: AsyncParsableCommand {
         abstract: "Run one node: a compute node beside your AI app, a router, a validator, or a read-only full node.",
         discussion: """
         compute: --config FILE lists the routers to dial (address and pinned key) and the local apps (name, kind \
-        openai|rest, base_url, models). The node key is DATA_DIR/node.key (created if missing).
+        openai|rest, base_url, models). The node key is DATA_DIR/node.key (created if missing). With --chain URL \
+        (or $EMC_NODE_URL) it also settles its own countersigned receipts on chain when a router stops settling them.
         router:  serves the OpenAI-compatible API on --http-port and the compute-node tunnel on --tunnel-port.
         validator: runs consensus and the ledger for the chain in --genesis; the chain's HTTP JSON API is on \
         --http-port, other validators dial --p2p-port. Blocks live in DATA_DIR/chain.sqlite.
@@ -98,9 +99,12 @@ struct Node: AsyncParsableCommand {
     @Option(help: "OpenAI-compatible API port (router).") var httpPort: Int = 8080
     @Option(help: "Port compute nodes dial (router).") var tunnelPort: Int = 7070
     @Option(help: "Seed for node selection (router; reproducible runs).") var seed: UInt64?
-    @Option(help: ArgumentHelp("A validator's HTTP API whose node registry decides which compute nodes may serve (router; default $EMC_NODE_URL).",
+    @Option(help: ArgumentHelp("A validator's HTTP API (default $EMC_NODE_URL). A router admits the compute nodes its registry lists; a compute node settles its own receipts there if a router stops settling them.",
                                valueName: "URL"))
     var chain: String?
+    @Option(help: ArgumentHelp("Blocks a countersigned receipt may stay unsettled before the compute node notices it on chain (compute; default two epochs).",
+                               valueName: "BLOCKS"))
+    var noticeGraceBlocks: UInt64?
     @Option(help: "Genesis file (validator, full).") var genesis: String?
     @Option(help: "Port other validators dial (validator).") var p2pPort: Int = 26656
     @Option(help: ArgumentHelp("Extra peers to dial, comma-separated NODE_KEY_HEX@HOST:PORT (validator, full; the genesis validators are dialled anyway).",
@@ -146,7 +150,8 @@ struct Node: AsyncParsableCommand {
         let key = try KeyFile.loadOrCreate(at: dataDir + "/node.key")
         switch role {
         case .compute:
-            try await NodeRunner.runCompute(configPath: absolute(config!), key: key, dataDirectory: dataDir, logger: logger)
+            try await NodeRunner.runCompute(configPath: absolute(config!), key: key, dataDirectory: dataDir, chainURL: chainURL,
+                                            noticeGraceBlocks: noticeGraceBlocks, logger: logger)
         case .router:
             let configuration = RouterConfiguration(httpHost: host, httpPort: httpPort, tunnelHost: host, tunnelPort: tunnelPort,
                                                     dataDirectory: dataDir, selectionSeed: seed ?? UInt64.random(in: .min ... .max))

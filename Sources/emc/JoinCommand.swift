@@ -40,6 +40,7 @@ struct Join: AsyncParsableCommand {
         let join = ComputeJoin(appURL: app, stake: try parseAmountArgument(stake, option: "--stake"), lockDays: lockDays, owner: owner,
                                dataDirectory: absolute(dataDir), nodeURL: try chain.client().baseURL, maxConcurrent: maxConcurrent)
         let (nodeKey, configPath) = try await join.prepare { say($0) }
-        try await NodeRunner.runCompute(configPath: configPath, key: nodeKey, dataDirectory: absolute(dataDir), logger: logger)
+        try await NodeRunner.runCompute(configPath: configPath, key: nodeKey, dataDirectory: absolute(dataDir),
+                                        chainURL: try chain.client().baseURL, logger: logger)
     }
 }

@@ -368,7 +368,7 @@ final class TestNetwork: @unchecked Sendable {
     @discardableResult
     func startComputeNode(maxConcurrent: UInt32 = 4, extraApps: [ComputeConfiguration.AppEntry] = [],
                           routerKey pinned: PublicKey? = nil, environment: [String: String] = [:],
-                          register: Bool = true) async throws -> TestProcess {
+                          register: Bool = true, arguments extra: [String] = []) async throws -> TestProcess {
         let index = computeNodes.count + 1
         let directory = root + "/compute-\(index)"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -387,7 +387,7 @@ final class TestNetwork: @unchecked Sendable {
         try encoder.encode(config).write(to: URL(fileURLWithPath: directory + "/config.json"))
         let process = try TestProcess(name: "compute-\(index)", executable: Harness.emcBinary, arguments: [
             "node", "--role", "compute", "--config", directory + "/config.json", "--data-dir", directory,
-        ], logDirectory: root, environment: environment)
+        ] + extra, logDirectory: root, environment: environment)
         computeNodes.append(process)
         return process
     }

@@ -132,12 +132,12 @@ struct PaidNetwork {
     let secret: String
     let account: Account
 
-    init(_ network: TestNetwork, chainURL: String? = nil) async throws {
+    init(_ network: TestNetwork, chainURL: String? = nil, computeArguments: [String] = []) async throws {
         self.network = network
         chain = ChainClient(baseURL: try await RegistryChain.shared.url())
         try await RegistryChain.shared.enrollRouter(network.routerKey, tunnelAddress: "127.0.0.1:\(network.tunnelPort)")
         try await network.startRouter(chainURL: chainURL)
-        try await network.startComputeNode(maxConcurrent: 4)
+        try await network.startComputeNode(maxConcurrent: 4, arguments: computeArguments)
         let nodeKey = try KeyFile.read(from: network.root + "/compute-1/node.key").publicKey
         try await RegistryChain.shared.setPrices(nodeKey, Self.prices)
         try await network.waitForNodes(1)

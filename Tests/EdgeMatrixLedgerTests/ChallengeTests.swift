@@ -11,8 +11,8 @@ struct ChallengeFixture {
     var unitPrices: UnitPrices { Self.prices.unitPrices(model: "m", app: "llm", kind: .chat) }
 
     /// A window of 8 blocks: every submitted transaction commits a block, and a test files several challenges.
-    init() {
-        s = SettleFixture(challengeWindowBlocks: 8)
+    init(settlementDeadlineBlocks: UInt64 = 3_600) {
+        s = SettleFixture(challengeWindowBlocks: 8, settlementDeadlineBlocks: settlementDeadlineBlocks)
         for node in [s.nodeA, s.nodeB] {
             precondition(s.r.f.submit(s.r.f.tx(s.r.f.bob, .setPrices(SetPrices(nodeKey: node.publicKey, prices: Self.prices)))).value != nil)
         }

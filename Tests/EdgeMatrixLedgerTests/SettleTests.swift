@@ -12,8 +12,11 @@ struct SettleFixture {
     var carol: SigningKey { r.f.carol }
     var router: PublicKey { r.router.publicKey }
 
-    init(challengeWindowBlocks: UInt64 = 3) {
-        r = RouterFixture { $0.challengeWindowBlocks = challengeWindowBlocks; $0.auditWindowBlocks = 4; $0.protocolFeeBps = 500 }
+    init(challengeWindowBlocks: UInt64 = 3, settlementDeadlineBlocks: UInt64 = 3_600) {
+        r = RouterFixture {
+            $0.challengeWindowBlocks = challengeWindowBlocks; $0.auditWindowBlocks = 4; $0.protocolFeeBps = 500
+            $0.settlementDeadlineBlocks = settlementDeadlineBlocks
+        }
         precondition(r.f.submit(r.f.transfer(r.f.alice, to: Account(owner: r.f.carol.publicKey), emc("100"))).value != nil)
         for node in [nodeA, nodeB] { register(node, owner: r.f.bob) }
         precondition(r.f.submit(r.f.tx(r.f.alice, .setRouterFee(SetRouterFee(nodeKey: router, feeBps: 250)))).value != nil)
