@@ -39,7 +39,7 @@ extension Integration {
 
             // Paid requests with the official openai client (chat, stream, embeddings), then the router dies for good.
             let log = try Integration.DevnetSettlementTests.paidRequests(baseURL: network.baseURL, apiKey: paid.secret)
-            #expect(log.count == 3)
+            #expect(log.count == 9, "3 rounds of chat, stream and embeddings")
             let outbox = network.root + "/compute-1/outbox.sqlite"
             let account = paid.account
             func kept() throws -> [Receipt] {
@@ -67,7 +67,12 @@ extension Integration {
             // Which receipts the node settled: every kept receipt worth something at or after the router's cursor, once.
             let cursor = try await chain.settlementCursor(router: router)
             let receipts = try kept()
-            func worth(_ r: Receipt) -> UInt64 { r.body.units.promptTokens * 50 + r.body.units.completionTokens * 150 }
+            // units × the receipt's prices, which the ledger checks are the node's registered ones: for chat and streams
+            // 50 and 150 base units a token (PaidNetwork.prices); embeddings are priced per input, at 0 here.
+            func worth(_ r: Receipt) -> UInt64 { r.body.cost ?? 0 }
+            #expect(receipts.filter { $0.body.model == "smollm2-135m-instruct" }.allSatisfy {
+                worth($0) == $0.body.units.promptTokens * 50 + $0.body.units.completionTokens * 150
+            })
             let expected = receipts.filter { $0.body.sequence >= cursor.nextSequence && worth($0) > 0 }
             #expect(!expected.isEmpty, "the router settled everything before it died; nothing was tested")
             let noticed = notices.map { "\($0["sequence"] ?? "")/\($0["attempt"] ?? "")" }
@@ -97,8 +102,9 @@ extension Integration {
             let routerIncome = try await chain.earnings(of: router).compactMap { ($0["router_income_base_units"] as? NSNumber)?.uint64Value }.reduce(0, +)
             #expect(routerIncome == routerShare, "the router earns nothing from what its node settled")
             #expect(try await paid.escrowBalance() == escrowBefore - noticedTotal - routerSettled, "the escrow paid exactly the receipts' worth")
-            // The defaulted router can no longer settle or take escrow.
-            #expect(try await chain.routerDefaultHeight(router: router) != nil)
+            // `emc query notices` shows the same, settled.
+            let cli = try CLIRun.emc(["query", "notices", "--router", router.hex, "--node-key", node.hex, "--json", "--node", chainURL])
+            #expect(cli.status == 0 && cli.array.count == notices.count && cli.array.allSatisfy { $0["status"] as? String == "settled" }, "\(cli)")
             let computeLog = network.computeNodes[0].log
             #expect(computeLog.contains("noticed receipts the router has not settled"), "\(computeLog.suffix(2000))")
             #expect(!computeLog.contains("the chain refused a notice"), "\(computeLog.suffix(2000))")
