@@ -446,11 +446,12 @@ extension Integration {
             try await Harness.eventually(timeout: .seconds(60), "the settlement becomes final") {
                 try await client.settlements(router: router.publicKey).first?["status"] as? String == "final"
             }
+            try await noticeOnce(client: client, router: router, node: node, payer: payer)
 
             let fresh = transfer(funded, to: Account(owner: SigningKey().publicKey), amount: Amount(emc: 1), chainID: "emc-test", memo: "post")
             var conformance = SpecConformance(spec: spec, baseURL: base)
             conformance.values = ["hash": transferTx.id.hex, "account": payer.description, "router": router.publicKey.hex,
-                                  "key": node.publicKey.hex, "height": "2"]
+                                  "key": node.publicKey.hex, "node": node.publicKey.hex, "height": "2"]
             conformance.bodies = ["submitTransaction": ("text/plain", Array(Hex.encode(fresh.encoded).utf8))]
             var answers: [String: Any] = [:]
             for operation in spec.operations {
@@ -465,7 +466,7 @@ extension Integration {
             func list(_ id: String, _ key: String) -> [Any] { ((answers[id] as? [String: Any])?[key] as? [Any]) ?? [] }
             for (id, key) in [("listBlocks", "blocks"), ("listNodes", "nodes"), ("listStakes", "stakes"), ("getAccount", "stakes"),
                               ("listAccountEscrows", "escrows"), ("listRouterEscrows", "escrows"), ("listSettlements", "settlements"),
-                              ("getEarnings", "earnings"), ("listValidators", "validators")] {
+                              ("getEarnings", "earnings"), ("listValidators", "validators"), ("listNotices", "notices")] {
                 #expect(!list(id, key).isEmpty, "\(id): '\(key)' is empty, so its item schema was not exercised")
             }
             #expect((answers["getTransaction"] as? [String: Any])?["transaction"] != nil, "GET /txs/{hash} has no decoded transaction")
@@ -509,6 +510,21 @@ extension Integration {
             var view = SettlementSubmitter.ChainView()
             await submitter.tick(&view)
             #expect(try await settlements.batch(0)?.status == .included)
+        }
+
+        /// One receipt of `node` noticed on chain (kind 14) past the router's settled range, so GET /notices lists one.
+        func noticeOnce(client: ChainClient, router: SigningKey, node: SigningKey, payer: Account) async throws {
+            let prices = UnitPrices(perMillionPromptTokens: 1_000_000, perMillionCompletionTokens: 100_000_000, perItem: 0)
+            let cursor = try await client.settlementCursor(router: router.publicKey)
+            let body = ReceiptBody(payer: payer, router: router.publicKey, node: node.publicKey, sequence: cursor.nextSequence + 5, attempt: 0,
+                                   app: "llm", model: "m", prices: prices, units: WorkUnits(promptTokens: 5, completionTokens: 10),
+                                   startedAtMillis: 1, endedAtMillis: 2, requestHash: Hash32.of([9]), responseHash: Hash32.of([3]), status: 200)
+            var receipt = Receipt(signing: body, with: node)
+            try receipt.countersign(nodeKey: node.publicKey, routerKey: router)
+            let notice = try NodeSettlement(router: router.publicKey, node: node.publicKey, receipts: [try #require(receipt.settlementBytes)])
+            let tx = Transaction(signing: TransactionBody(chainID: "emc-test", createdAtMillis: UInt64(Date().timeIntervalSince1970 * 1000),
+                                                          kind: .nodeSettle(notice)), with: node)
+            #expect(try await client.waitForCommit(hash: try await client.submit(tx))["status"] as? String == "committed")
         }
 
         @Test("router.json: every route exists on a live router, every answer has a listed status, headers and shape")
