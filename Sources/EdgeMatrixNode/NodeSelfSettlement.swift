@@ -46,9 +46,11 @@ public struct ReceiptNoticeService: Service {
         var chainID: String?
         var grace: UInt64?
         /// Per receipt key `router/sequence/attempt`: the height at which this node first saw it unsettled.
+        /// Bounded: only receipts at or after a router's cursor stay (and the outbox keeps a bounded number).
         var firstSeen: [String: UInt64] = [:]
         /// Receipts on chain already (noticed or settled by this node) or refused for good.
         var done: Set<String> = []
+        var refusalsInARow = 0
         /// Routers whose notices on chain were read since the start.
         var synced: Set<PublicKey> = []
         var errorsInARow = 0
@@ -104,6 +106,11 @@ public struct ReceiptNoticeService: Service {
         let defaulted = try await client.routerDefaultHeight(router: router) != nil
         let kept = try await outbox.countersigned(router: router.nodeID, afterSequence: max(cursor.nextSequence, 1) - 1, limit: 10_000)
         // Due: this node's, worth something, not done, unsettled for the grace period (or the router has defaulted).
+        // What the router's batches have covered since is forgotten (it can never be due again).
+        let prefix = router.hex + "/"
+        let live = Set(kept.map { Self.key($0.body) })
+        for key in state.firstSeen.keys where key.hasPrefix(prefix) && !live.contains(key) { state.firstSeen[key] = nil }
+        state.done = state.done.filter { !$0.hasPrefix(prefix) || live.contains($0) }
         var due = [Receipt]()
         for receipt in kept where receipt.body.node == nodeKey.publicKey && receipt.body.router == router {
             let key = Self.key(receipt.body)
@@ -140,6 +147,7 @@ public struct ReceiptNoticeService: Service {
             return
         }
         for receipt in chunk { state.done.insert(Self.key(receipt.body)) }
+        state.refusalsInARow = 0
         noticed.increment(by: chunk.count)
         logger.info(defaulted ? "settled own receipts of a defaulted router" : "noticed receipts the router has not settled", metadata: [
             "router": "\(router.nodeID.short)", "receipts": "\(chunk.count)",
@@ -151,7 +159,12 @@ public struct ReceiptNoticeService: Service {
     /// Any other refusal (the fee, the open-notice limit) waits for the next round.
     func setAside(_ chunk: [Receipt], code: String, message: String, state: inout State) {
         refused.increment()
-        logger.warning("the chain refused a notice of receipts", metadata: ["code": "\(code)", "message": "\(message.prefix(300))"])
+        state.refusalsInARow += 1
+        if state.refusalsInARow == 1 || state.refusalsInARow % 30 == 0 {
+            logger.warning("the chain refused a notice of receipts", metadata: [
+                "code": "\(code)", "message": "\(message.prefix(300))", "refusals": "\(state.refusalsInARow)",
+            ])
+        }
         guard code == "receipt_refused", let index = Self.refusedIndex(message), chunk.indices.contains(index) else { return }
         state.done.insert(Self.key(chunk[index].body))
     }
