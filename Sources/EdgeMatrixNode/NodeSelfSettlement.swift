@@ -22,8 +22,15 @@ public struct ReceiptNoticeService: Service {
     let routers: [PublicKey]
     let logger: Logger
     let interval: Duration
-    /// Blocks a receipt stays unsettled (from when this node first saw it so) before it is noticed; nil: two epochs.
+    /// Blocks a receipt stays unsettled (from when this node first saw it so) before it is noticed; nil:
+    /// `defaultGraceBlocks`.
     let graceBlocks: UInt64?
+
+    /// The default grace: two epochs (an honest router settles every epoch), and at least 3,600 blocks (an hour of
+    /// one-second blocks), because a router's batch may wait up to an hour for a request still in flight.
+    public static func defaultGraceBlocks(epochLengthBlocks: UInt64) -> UInt64 {
+        max(epochLengthBlocks.multipliedReportingOverflow(by: 2).overflow ? .max : epochLengthBlocks * 2, 3_600)
+    }
 
     private let noticed = Counter(label: "emc_compute_receipts_noticed_total")
     private let refused = Counter(label: "emc_compute_receipt_notices_refused_total")
@@ -79,7 +86,7 @@ public struct ReceiptNoticeService: Service {
             if state.grace == nil {
                 let parameters = try await client.parameters()
                 let epoch = (parameters["epoch_length_blocks"] as? NSNumber)?.uint64Value ?? 900
-                state.grace = graceBlocks ?? epoch.multipliedReportingOverflow(by: 2).partialValue
+                state.grace = graceBlocks ?? Self.defaultGraceBlocks(epochLengthBlocks: epoch)
             }
             for router in routers { try await round(router: router, height: height, state: &state) }
             state.errorsInARow = 0

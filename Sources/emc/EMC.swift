@@ -102,7 +102,7 @@ struct Node: AsyncParsableCommand {
     @Option(help: ArgumentHelp("A validator's HTTP API (default $EMC_NODE_URL). A router admits the compute nodes its registry lists; a compute node settles its own receipts there if a router stops settling them.",
                                valueName: "URL"))
     var chain: String?
-    @Option(help: ArgumentHelp("Blocks a countersigned receipt may stay unsettled before the compute node notices it on chain (compute; default two epochs).",
+    @Option(help: ArgumentHelp("Blocks a countersigned receipt may stay unsettled before the compute node notices it on chain (compute; default two epochs, at least 3600).",
                                valueName: "BLOCKS"))
     var noticeGraceBlocks: UInt64?
     @Option(help: "Genesis file (validator, full).") var genesis: String?
