@@ -182,10 +182,12 @@ public struct LedgerState: Sendable {
             .sorted { $0.nodeKey.rawRepresentation.lexicographicallyPrecedes($1.nodeKey.rawRepresentation) }
     }
 
-    /// Whether a registered node may serve its role now: active, and backed by a bonded stake of its role of at
-    /// least the role's minimum (a slash can take it below). Routers admit only such compute nodes.
+    /// Whether a registered node may serve its role now: active, backed by a bonded stake of its role of at least the
+    /// role's minimum (a slash can take it below), and, for a router, not defaulted (docs/SETTLEMENT.md § 10). Routers
+    /// admit only such compute nodes; compute nodes joining pick only such routers.
     public func isEligible(_ nodeKey: PublicKey) -> Bool {
-        guard let node = nodes[nodeKey], node.status == .active, let stake = stakes[node.stakeID] else { return false }
+        guard let node = nodes[nodeKey], node.status == .active, routerDefaults[nodeKey] == nil,
+              let stake = stakes[node.stakeID] else { return false }
         return stake.status == .bonded && stake.role == node.role
             && stake.amount >= parameters.staking.requirement(for: node.role).minimumStake
     }

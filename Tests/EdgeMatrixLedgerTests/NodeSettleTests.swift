@@ -107,6 +107,7 @@ struct NodeSettleTests {
         #expect(n.f.height == noticedAt + 6)
         #expect(defaultBlock.events == [.routerDefaulted(router: n.router, receipts: 2, paid: Amount(baseUnits: 2 * w), burned: Amount(baseUnits: 2 * pfee))])
         #expect(n.ledger.routerDefaultHeight(n.router) == noticedAt + 6)
+        #expect(!n.ledger.isEligible(n.router), "compute nodes joining must not pick a defaulted router")
         #expect(n.escrow?.balance.baseUnits == escrow0 - 2 * w && n.escrow?.pending == .zero, "the escrow pays exactly the worth")
         #expect(n.ledger.burned.baseUnits == burned0 + 2 * pfee, "only the protocol fee is burned")
         #expect(n.ledger.receiptNotices(router: n.router).allSatisfy { $0.status == .settled && $0.settledAtHeight == noticedAt + 6 })
