@@ -308,8 +308,8 @@ extension LedgerState {
         return (notice.charged, burnedHere)
     }
 
-    /// A router's `settle` covered `sequences`: its open notices in that range lapse, their charges go back to
-    /// available. Returns, per payer, what goes back (for the batch's own escrow check, before anything changes).
+    /// The open notices of `router` that a `settle` over `sequences` covers, in key order: they lapse (`lapseNotice`)
+    /// before the batch is charged, their charges going back to available.
     func lapsingNotices(router: PublicKey, sequences: ClosedRange<UInt64>) -> [ReceiptNoticeKey] {
         (openNotices[router] ?? []).filter { sequences.contains($0.sequence) }.sorted()
     }
@@ -327,7 +327,7 @@ extension LedgerState {
     // MARK: End of block
 
     /// Notices whose deadline ends at `height`: one still open means its router's batches did not cover it in time.
-    /// The router defaults (first such router first, in key order), and every open notice of it settles now.
+    /// Its router defaults (routers in key order), and every open notice of that router settles now, in key order.
     mutating func defaultLateRouters(height: UInt64) -> [BlockEvent] {
         guard let due = noticesDue.removeValue(forKey: height) else { return [] }
         var events = [BlockEvent]()
