@@ -44,25 +44,17 @@ public struct PayerAudit: Sendable {
         }
     }
 
-    /// The most bytes read from one router answer.
-    static let maxAnswerBytes = 16 << 20
-    /// The most leaves read for one pair (a page is at most 1,000).
-    static let maxLeavesPerPair = 1 << 22
-
     public let chain: ChainClient
     public let routerURL: String
     public let account: Account
-    let http: HTTPClient
+    let data: SettlementDataClient
 
     /// `routerURL` is the router's HTTP address, with or without the `/v1` suffix of its OpenAI base URL.
     public init(chain: ChainClient, routerURL: String, account: Account, http: HTTPClient = .shared) {
-        var url = routerURL.hasPrefix("http") ? routerURL : "http://" + routerURL
-        while url.hasSuffix("/") { url.removeLast() }
-        if url.hasSuffix("/v1") { url.removeLast(3) }
-        self.routerURL = url
+        data = SettlementDataClient(routerURL: routerURL, http: http)
+        self.routerURL = data.routerURL
         self.chain = chain
         self.account = account
-        self.http = http
     }
 
     /// Request ids from a client log: one per line, either a bare integer or a JSON object with `id`,
@@ -126,24 +118,9 @@ public struct PayerAudit: Sendable {
             }
             for witness in witnesses {
                 verdict.leaves += 1
-                let receipt: Receipt
-                do { receipt = try Receipt(settlementBytes: witness.receiptBytes) } catch {
-                    finding("bad_receipt", nil, "a leaf of node \(entry.node.nodeID) is not a receipt: \(error)")
-                    continue
-                }
-                let body = receipt.body
-                do { try witness.verify(in: entry) } catch {
-                    finding("bad_proof", body.sequence, "request \(body.sequence)'s leaf is not in its entry: \(error)")
-                }
-                do { try receipt.verify(nodeKey: entry.node, routerKey: router) } catch {
-                    finding("bad_receipt", body.sequence, "request \(body.sequence): \(error)")
-                }
-                if body.payer != account { finding("wrong_payer", body.sequence, "request \(body.sequence) names payer \(body.payer)") }
-                if body.router != router { finding("wrong_router", body.sequence, "request \(body.sequence) names router \(body.routerID)") }
-                if body.cost != witness.amount {
-                    finding("amount_mismatch", body.sequence,
-                            "request \(body.sequence) charges \(witness.amount) base units; its units × prices are \(body.cost.map(String.init) ?? "over 2^64")")
-                }
+                let (receipt, problems) = SettlementLeafCheck.check(witness, entry: entry, router: router)
+                for p in problems { finding(p.code, p.sequence, p.message) }
+                guard let body = receipt?.body else { continue }
                 if let clientLog, !clientLog.contains(body.sequence) {
                     finding("not_in_client_log", body.sequence, "request \(body.sequence) is not in the client's log: the client never received it")
                 }
@@ -154,53 +131,15 @@ public struct PayerAudit: Sendable {
 
     /// The batch the router serves, rebuilt from its entries (so its commitment can be compared with the chain's).
     func servedBatch(_ number: UInt64, router: PublicKey) async throws -> SettlementBatch {
-        let served = try await get("/v1/settlements/\(number)")
-        guard let first = (served["first_sequence"] as? NSNumber)?.uint64Value, let last = (served["last_sequence"] as? NSNumber)?.uint64Value,
-              let rawEntries = served["entries"] as? [[String: Any]], rawEntries.count <= SettlementBatch.maxEntries else {
-            throw PayerAuditError.malformed("GET /v1/settlements/\(number)")
-        }
-        let entries = try rawEntries.map { e -> SettlementPairEntry in
-            guard let payerText = e["payer"] as? String, let payer = try? Account(text: payerText),
-                  let nodeHex = e["node"] as? String, let node = try? PublicKey(hex: nodeHex),
-                  let amount = (e["amount"] as? String).flatMap({ UInt64($0) }), let count = (e["count"] as? NSNumber)?.uint64Value,
-                  let root = (e["pair_root"] as? String).flatMap({ Hash32(hex: $0) })
-            else { throw PayerAuditError.malformed("an entry of batch \(number)") }
-            return SettlementPairEntry(payer: payer, node: node, amount: amount, count: count, pairRoot: root)
-        }
-        return try SettlementBatch(router: router, batchNumber: number, firstSequence: first, lastSequence: last, entries: entries)
+        try await data.servedBatch(number, router: router)
     }
 
     /// Every leaf of this account's pair with `node`, page by page.
     func leaves(batch: UInt64, node: PublicKey) async throws -> [SettlementLeafWitness] {
-        var witnesses: [SettlementLeafWitness] = []
-        var offset = 0
-        while witnesses.count < Self.maxLeavesPerPair {
-            let page = try await get("/v1/settlements/\(batch)/receipts?payer=\(account.description)&node=\(node.hex)&offset=\(offset)&limit=1000")
-            guard let items = page["receipts"] as? [[String: Any]] else { throw PayerAuditError.malformed("a receipts page of batch \(batch)") }
-            for item in items {
-                guard let receipt = (item["receipt"] as? String).flatMap({ Hex.decode($0) }),
-                      let amount = (item["amount"] as? String).flatMap({ UInt64($0) }),
-                      let proofBytes = (item["proof"] as? String).flatMap({ Hex.decode($0) }),
-                      let proof = try? MerkleSumProof(canonicalBytes: proofBytes)
-                else { throw PayerAuditError.malformed("a leaf of batch \(batch)") }
-                witnesses.append(SettlementLeafWitness(receiptBytes: receipt, amount: amount, proof: proof))
-            }
-            guard let next = (page["next_offset"] as? NSNumber)?.intValue, next > offset else { return witnesses }
-            offset = next
-        }
-        return witnesses
+        try await data.leaves(batch: batch, payer: account, node: node)
     }
 
-    func get(_ path: String) async throws -> [String: Any] {
-        var request = HTTPClientRequest(url: routerURL + path)
-        request.method = .GET
-        let response = try await http.execute(request, timeout: .seconds(30))
-        let body = try await response.body.collect(upTo: Self.maxAnswerBytes)
-        guard response.status == .ok, let object = try? JSONSerialization.jsonObject(with: Data(buffer: body)) as? [String: Any] else {
-            throw PayerAuditError.http(path: String(path.prefix(80)), status: Int(response.status.code))
-        }
-        return object
-    }
+    func get(_ path: String) async throws -> [String: Any] { try await data.get(path) }
 }
 
 public enum PayerAuditError: Error, CustomStringConvertible {
