@@ -17,8 +17,8 @@ public enum WatchtowerAudit {
         /// The router does not serve (all of) a pair's leaves, or serves leaves that are not in the entry: nothing
         /// the ledger can judge from this node's data (the withheld-data claim is the remedy).
         case dataUnavailable(pair: SettlementPair, reason: String)
-        /// A kept receipt that is missing from the batch, but whose omission cannot be proven without the pair's
-        /// leaves (the router does not serve them).
+        /// A kept receipt that is missing from the leaves served, but whose omission cannot be proven: the router
+        /// serves no adjacent leaves around it.
         case unprovableOmission(receipt: Receipt, reason: String)
 
         public var code: String {
@@ -101,10 +101,8 @@ public enum WatchtowerAudit {
                 continue
             }
             let entry = batch.entries[entryIndex]
-            guard let leaves = proven[key.pair] else {
-                findings.append(.unprovableOmission(receipt: receipt, reason: "the router does not serve the pair's leaves"))
-                continue
-            }
+            // Leaves not served: already reported once for the pair (data_unavailable).
+            guard let leaves = proven[key.pair] else { continue }
             let worth = receipt.body.cost ?? 0
             if let same = leaves.first(where: { $0.key == key }) {
                 if same.witness.amount < worth { findings.append(.underCounted(receipt: receipt, witness: same.witness)) }
