@@ -92,7 +92,7 @@ public enum SettleBench {
     }
 
     /// Synthetic receipts (random bytes, no signatures) over `pairs` pairs of √pairs payers × √pairs nodes, keys in
-    /// batch order; leaf j of pair p has sequence j·pairs + p, so sequences are unique and the range contiguous.
+    /// batch order; leaf j of pair p has sequence j·pairs + p + 1 (the ledger's first), so sequences are unique and the range contiguous.
     public static func run(receipts: Int, pairs: Int, receiptSize: Int = 300, seed: UInt64 = 1,
                            progress: (String) -> Void = { _ in }) throws -> SettleBenchResult {
         guard receipts >= 1, receipts <= 10_000_000 else { throw SettleBenchError.invalid("receipts must be 1...10000000") }
@@ -138,7 +138,7 @@ public enum SettleBench {
         var kept = [Receipt]()
         for p in 0..<pairs where pairList[p].node == nodes[0] {
             for j in 0..<perPair[p] {
-                let body = ReceiptBody(payer: pairList[p].payer, router: routerKey.publicKey, node: nodes[0], sequence: UInt64(j * pairs + p),
+                let body = ReceiptBody(payer: pairList[p].payer, router: routerKey.publicKey, node: nodes[0], sequence: UInt64(j * pairs + p) + 1,
                                        attempt: 0, app: "llm", model: "m", prices: prices,
                                        units: WorkUnits(promptTokens: UInt64(100 + j % 50), completionTokens: UInt64(200 + j % 70)),
                                        startedAtMillis: 1, endedAtMillis: 2, requestHash: Hash32.of(withUnsafeBytes(of: random.next()) { Array($0) }),
@@ -158,7 +158,7 @@ public enum SettleBench {
         /// Leaf i (global order) of pair p, the j-th of that pair.
         func bytes(_ i: Int) -> ArraySlice<UInt8> { real[i].map { $0[...] } ?? buffer[(i * receiptSize)..<((i + 1) * receiptSize)] }
         func leafKey(pair p: Int, index j: Int) -> SettlementLeafKey {
-            SettlementLeafKey(payer: pairList[p].payer, node: pairList[p].node, sequence: UInt64(j * pairs + p), attempt: 0)
+            SettlementLeafKey(payer: pairList[p].payer, node: pairList[p].node, sequence: UInt64(j * pairs + p) + 1, attempt: 0)
         }
         var firstLeaf = [Int]()
         var running = 0
@@ -167,7 +167,7 @@ public enum SettleBench {
         // Build.
         let residentBeforeBuild = peakResidentBytes()
         let buildStart = clock.now
-        var builder = SettlementBatchBuilder(router: routerKey.publicKey, batchNumber: 0, sequenceRange: 0...lastSequence)
+        var builder = SettlementBatchBuilder(router: routerKey.publicKey, batchNumber: 0, sequenceRange: 1...(lastSequence + 1))
         for p in 0..<pairs {
             for j in 0..<perPair[p] {
                 let i = firstLeaf[p] + j

@@ -967,7 +967,7 @@ struct Bench: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "settle",
             abstract: "Settlement batch over synthetic receipts: build time, memory, settle size, ledger apply, proof size, watchtower.",
-            discussion: "Receipts are random bytes (no signatures); a release build gives the real figures.")
+            discussion: "Receipts are random bytes (no signatures), except one node's, which are signed for the watchtower audit; a release build gives the real figures.")
         @Option(help: "Synthetic receipts in the batch.") var receipts: Int = 1_000_000
         @Option(help: "(payer, node) pairs they spread over.") var pairs: Int = 1_000
         @Option(help: "Bytes per receipt.") var receiptBytes: Int = 300
