@@ -157,6 +157,7 @@ let package = Package(
                 "EdgeMatrixNode", "EdgeMatrixRouter", "EdgeMatrixCompute", "EdgeMatrixNetwork",
                 "EdgeMatrixStore", "EdgeMatrixCore", "EdgeMatrixClient", "EdgeMatrixChain", "EdgeMatrixLedger",
                 "EdgeMatrixApplication", "EdgeMatrixConsensus",
+                .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "AsyncHTTPClient", package: "async-http-client"),
