@@ -92,13 +92,15 @@ public struct Devnet: Sendable {
             services.append(ComputeNode(configuration: config, key: key, httpClient: httpClient, outbox: outbox, logger: nodeLogger))
             services.append(ReceiptNoticeService(client: ChainClient(baseURL: layout.nodeURL), nodeKey: key, outbox: outbox,
                                                  routers: [routerKey.publicKey], logger: nodeLogger))
+            services.append(WatchtowerService(client: ChainClient(baseURL: layout.nodeURL), nodeKey: key, outbox: outbox,
+                                              routers: [routerKey.publicKey], http: httpClient, logger: nodeLogger))
         }
         services += try validators()
         // After the validators: their genesis creates the funded account the key is bound to.
         let apiKey = try devnetAPIKey(database: routerConfig.databasePath, router: routerKey.publicKey)
         // The devnet's router and compute nodes join the chain like anyone's: bonded and registered at start-up.
         services.append(DevnetEnrollment(client: ChainClient(baseURL: layout.nodeURL), owner: try KeyFile.read(from: layout.fundedKeyPath),
-                                         router: (routerKey, "127.0.0.1:\(layout.tunnelPort)"), computeNodes: computeKeys, say: say))
+                                         router: (routerKey, "127.0.0.1:\(layout.tunnelPort)", "http://127.0.0.1:\(layout.httpPort)"), computeNodes: computeKeys, say: say))
         let banner = DevnetBanner(layout: layout, apiKey: apiKey)
         services.append(ReadinessReporter(ready: ready, baseURL: layout.baseURL, apiKey: apiKey, httpClient: httpClient,
                                           expectedModels: [LocalModels.chatModel, LocalModels.embeddingModel],

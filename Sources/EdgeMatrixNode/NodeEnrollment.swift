@@ -120,6 +120,19 @@ public struct NodeEnrollment: Sendable {
         }.max()
     }
 
+    /// Tops `account` up from the owner to at least `amount` (a compute node's key account posts its watchtower's
+    /// challenge bonds); returns what it sent.
+    @discardableResult
+    public func ensureBalance(of account: Account, atLeast amount: Amount, progress: @Sendable (String) -> Void = { _ in }) async throws -> Amount {
+        let answer = try await client.get("/accounts/\(account.description)/balance")
+        let balance = (answer["balance_base_units"] as? NSNumber)?.uint64Value ?? 0
+        guard balance < amount.baseUnits else { return .zero }
+        let shortfall = Amount(baseUnits: amount.baseUnits - balance)
+        progress("funding \(account) with \(shortfall) EMC")
+        try await commit(.transfer(Transfer(to: account, amount: shortfall)), chainID: try await client.chainID(), what: "transfer")
+        return shortfall
+    }
+
     private func commit(_ kind: TransactionKind, chainID: String, what: String) async throws {
         let tx = Transaction(signing: TransactionBody(chainID: chainID, createdAtMillis: wallClockMillis(),
                                                       kind: kind), with: owner)
@@ -131,7 +144,8 @@ public struct NodeEnrollment: Sendable {
 }
 
 /// The devnet's own nodes join the chain at start-up like anyone else's: once the validators commit, the funded
-/// account bonds and registers the router (publishing its tunnel address) and each compute node. Until then the
+/// account bonds and registers the router (publishing its tunnel address and HTTP API) and each compute node, whose
+/// node-key accounts it funds with `watchtowerFunds` so their watchtowers can post challenge bonds. Until then the
 /// router admits nobody and the compute nodes retry.
 struct DevnetEnrollment: Service {
     /// What the devnet's compute nodes charge: 0.5 EMC per 1M prompt tokens, 1.5 EMC per 1M completion tokens,
@@ -140,11 +154,15 @@ struct DevnetEnrollment: Service {
         PriceEntry(name: PriceList.wildcard, perMillionPromptTokens: Amount(baseUnits: 50_000_000),
                    perMillionCompletionTokens: Amount(baseUnits: 150_000_000), perEmbeddingInput: Amount(baseUnits: 10_000)),
     ])
+    /// What each devnet compute node's key account holds for its watchtower's challenge bonds (10 EMC each).
+    static let watchtowerFunds = Amount(emc: 100)
     /// The devnet router's fee: 2.5% of what it settles.
     static let routerFeeBps: UInt32 = 250
     let client: ChainClient
     let owner: SigningKey
-    let router: (key: SigningKey, tunnelAddress: String)
+    /// The router's tunnel address (first, as compute nodes dial the first HOST:PORT endpoint) and its HTTP API, which
+    /// watchtowers read batches from (PROTOCOL.md § 12).
+    let router: (key: SigningKey, tunnelAddress: String, httpURL: String)
     let computeNodes: [SigningKey]
     let say: @Sendable (String) -> Void
 
@@ -156,11 +174,12 @@ struct DevnetEnrollment: Service {
             let enrollment = NodeEnrollment(client: client, owner: owner)
             let requirement = LedgerParameters.standard.staking
             try await enrollment.enroll(node: router.key, role: .router, stake: requirement.router.minimumStake,
-                                        lockDays: requirement.router.minimumLockDays, endpoints: [router.tunnelAddress]) { say("chain: " + $0) }
+                                        lockDays: requirement.router.minimumLockDays, endpoints: [router.tunnelAddress, router.httpURL]) { say("chain: " + $0) }
             try await enrollment.ensureRouterFee(node: router.key.publicKey, bps: Self.routerFeeBps) { say("chain: " + $0) }
             for node in computeNodes {
                 try await enrollment.enroll(node: node, role: .compute, stake: Amount(emc: 1_000), lockDays: 30, endpoints: []) { say("chain: " + $0) }
                 try await enrollment.ensurePrices(node: node.publicKey, prices: Self.computePrices) { say("chain: " + $0) }
+                try await enrollment.ensureBalance(of: Account(owner: node.publicKey), atLeast: Self.watchtowerFunds) { say("chain: " + $0) }
             }
             // The funded account pays for the devnet's OPENAI_API_KEY from this escrow.
             try await enrollment.ensureEscrow(router: router.key.publicKey, amount: Amount(emc: 1_000)) { say("chain: " + $0) }

@@ -10,7 +10,8 @@ import ServiceLifecycle
 public enum NodeRunner {
     /// The node keeps its unacknowledged receipts in DATA_DIR/outbox.sqlite, so they survive a crash. With `chainURL`
     /// (a validator's HTTP API) it also settles its own countersigned receipts when a router does not
-    /// (`ReceiptNoticeService`, docs/SETTLEMENT.md § 10).
+    /// (`ReceiptNoticeService`, docs/SETTLEMENT.md § 10), and checks every batch of its routers that covers its
+    /// receipts, filing challenges itself (`WatchtowerService`, § 11; the node key's account posts the bond).
     public static func runCompute(configPath: String, key: SigningKey, dataDirectory: String, chainURL: String? = nil,
                                   noticeGraceBlocks: UInt64? = nil, logger: Logger) async throws {
         NodeMetrics.bootstrap()
@@ -22,8 +23,10 @@ public enum NodeRunner {
         if let chainURL {
             services.append(ReceiptNoticeService(client: ChainClient(baseURL: chainURL), nodeKey: key, outbox: outbox,
                                                  routers: configuration.routers.map(\.key), logger: logger, graceBlocks: noticeGraceBlocks))
+            services.append(WatchtowerService(client: ChainClient(baseURL: chainURL), nodeKey: key, outbox: outbox,
+                                              routers: configuration.routers.map(\.key), http: httpClient, logger: logger))
         } else {
-            logger.warning("no --chain given: this node cannot settle its own receipts should a router stop settling them")
+            logger.warning("no --chain given: this node cannot settle its own receipts should a router stop settling them, nor check its routers' batches")
         }
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do { try await group.run() } catch {
