@@ -69,6 +69,8 @@ public enum WatchtowerAudit {
         var findings = [Finding]()
         /// Per pair: the served leaves whose proofs verify, with their keys, by leaf index; nil if unusable.
         var proven = [SettlementPair: [(key: SettlementLeafKey, witness: SettlementLeafWitness)]]()
+        /// Every proven leaf by its key (lookup only, never iterated), so a kept receipt is found in O(1).
+        var byKey = [SettlementLeafKey: SettlementLeafWitness]()
         for (index, entry) in batch.entries.enumerated() where entry.node == node {
             guard let witnesses = served[entry.pair] else {
                 findings.append(.dataUnavailable(pair: entry.pair, reason: "the router does not serve the pair's leaves"))
@@ -91,6 +93,7 @@ public enum WatchtowerAudit {
             }
             if unproven > 0 { findings.append(.dataUnavailable(pair: entry.pair, reason: "\(unproven) served leaves are not in the entry")) }
             proven[entry.pair] = good.sorted { $0.witness.proof.index < $1.witness.proof.index }
+            for leaf in good where byKey[leaf.key] == nil { byKey[leaf.key] = leaf.witness }
         }
 
         let mine = concerned(kept, batch: batch, node: node).sorted { key(of: $0) < key(of: $1) }
@@ -104,11 +107,11 @@ public enum WatchtowerAudit {
             // Leaves not served: already reported once for the pair (data_unavailable).
             guard let leaves = proven[key.pair] else { continue }
             let worth = receipt.body.cost ?? 0
-            if let same = leaves.first(where: { $0.key == key }) {
-                if same.witness.amount < worth { findings.append(.underCounted(receipt: receipt, witness: same.witness)) }
+            if let same = byKey[key] {
+                if same.amount < worth { findings.append(.underCounted(receipt: receipt, witness: same)) }
                 continue
             }
-            // Not in the pair: bracket it with adjacent proven leaves.
+            // Not in the pair (rare): bracket it with adjacent proven leaves.
             let above = leaves.firstIndex { key < $0.key }
             let evidence: OmissionEvidence?
             switch above {
