@@ -304,6 +304,10 @@ public struct MerkleSumAccumulator: Sendable {
 
     public init() {}
 
+    /// The nodes waiting for a right sibling, by level (nil: none at that level): with `leafCount` and `total`,
+    /// all the state there is (the ledger commits to it while a data answer arrives in chunks).
+    public var frontier: [MerkleSumNode?] { pending.map { $0?.node } }
+
     public mutating func append<D: DataProtocol>(leafBytes: D, amount: UInt64) throws(MerkleSumError) {
         try append(PackedSumNode(digest: MerkleSumTree.leafDigest(leafBytes), sum: amount))
     }

@@ -105,6 +105,9 @@ public enum BlockEvent: Hashable, Sendable {
     /// `router` missed a settlement deadline: its open notices (`receipts` of them) settled, `paid` leaving the
     /// escrows, `burned` of it burned (protocol fees); the node shares are now held.
     case routerDefaulted(router: PublicKey, receipts: UInt64, paid: Amount, burned: Amount)
+    /// A data request's deadline passed unanswered: `reverted` went back to the payer's escrow and the router was
+    /// slashed `slashed` (`reward` to the requester, `compensation` to the node owner, the rest burned).
+    case dataWithheld(DataRequestKey, reverted: Amount, slashed: Amount, reward: Amount, compensation: Amount)
 }
 
 // MARK: - Applying escrow and pricing transactions

@@ -64,6 +64,13 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
     case routerDefaulted(router: PublicKey, atHeight: UInt64)
     case receiptRefused(index: UInt32, code: String, message: String)
     case noticeLimitReached(router: PublicKey, limit: UInt64)
+    // Withheld data (kinds 15 and 16)
+    case unknownPair(router: PublicKey, batch: UInt64, pair: SettlementPair)
+    case notPairParty(pair: SettlementPair)
+    case dataAlreadyRequested(router: PublicKey, batch: UInt64, pair: SettlementPair, status: String)
+    case dataRequestTooLate(router: PublicKey, batch: UInt64, lastHeight: UInt64)
+    case noOpenDataRequest(router: PublicKey, batch: UInt64, pair: SettlementPair)
+    case dataResponseRefused(code: String, message: String)
     // Consensus-reported misbehaviour
     case unknownValidator(nodeKey: PublicKey)
     case evidenceAlreadyUsed(Hash32)
@@ -120,6 +127,12 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .routerDefaulted: "RouterDefaulted"
         case .receiptRefused: "ReceiptRefused"
         case .noticeLimitReached: "NoticeLimitReached"
+        case .unknownPair: "UnknownPair"
+        case .notPairParty: "NotPairParty"
+        case .dataAlreadyRequested: "DataAlreadyRequested"
+        case .dataRequestTooLate: "DataRequestTooLate"
+        case .noOpenDataRequest: "NoOpenDataRequest"
+        case .dataResponseRefused: "DataResponseRefused"
         case .unknownValidator: "UnknownValidator"
         case .evidenceAlreadyUsed: "EvidenceAlreadyUsed"
         }
@@ -177,6 +190,16 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .receiptRefused(let index, let code, let message): "receipt \(index) refused (\(code)): \(message)"
         case .noticeLimitReached(let router, let limit):
             "router \(router.nodeID) already has \(limit) noticed receipts waiting for its deadline; wait for them to settle or lapse"
+        case .unknownPair(let router, let batch, let pair): "router \(router.nodeID)'s batch \(batch) has no pair \(pair)"
+        case .notPairParty(let pair):
+            "only the pair's payer account owner, its compute node or that node's owner may ask for the leaves of pair \(pair)"
+        case .dataAlreadyRequested(let router, let batch, let pair, let status):
+            "the leaves of pair \(pair) of router \(router.nodeID)'s batch \(batch) were already requested (\(status))"
+        case .dataRequestTooLate(let router, let batch, let last):
+            "a data request on router \(router.nodeID)'s batch \(batch) must be filed by block \(last), so that its deadline ends before the challenge window"
+        case .noOpenDataRequest(let router, let batch, let pair):
+            "no open data request for pair \(pair) of router \(router.nodeID)'s batch \(batch)"
+        case .dataResponseRefused(let code, let message): "data response refused (\(code)): \(message)"
         case .unknownValidator(let key): "no validator node \(key.nodeID) with a stake to slash"
         case .evidenceAlreadyUsed(let id): "evidence \(id) was already used to slash"
         }

@@ -36,6 +36,10 @@ public enum TxEffect: Hashable, Sendable {
     /// A compute node noticed `receipts` receipts of `router` worth `amount`; `charged` of it moved to pending.
     /// `dueAtHeight` is the router's deadline; nil when the router had already defaulted and the receipts settled at once.
     case receiptsNoticed(router: PublicKey, node: PublicKey, receipts: UInt32, amount: Amount, charged: Amount, dueAtHeight: UInt64?)
+    /// A payer or node asked for a pair's leaves; the router must post them by the end of `dueAtHeight`.
+    case dataRequested(router: PublicKey, batch: UInt64, pair: SettlementPair, dueAtHeight: UInt64, bond: Amount)
+    /// The router posted leaves of a requested pair: `leaves` of them so far; `complete` when the request closed.
+    case dataAnswered(router: PublicKey, batch: UInt64, pair: SettlementPair, leaves: UInt64, complete: Bool)
 }
 
 public struct TxOutcome: Hashable, Sendable {
@@ -90,6 +94,8 @@ public struct LedgerState: Sendable {
     var receiptNotices: [ReceiptNoticeKey: ReceiptNotice] = [:]
     /// Routers that missed a settlement deadline, with the height at whose end they did.
     var routerDefaults: [PublicKey: UInt64] = [:]
+    /// Data requests (kind 15) of settlements not yet final; see DataRequest.swift.
+    var dataRequests: [DataRequestKey: DataRequestRecord] = [:]
 
     // Indexes derivable from the state above; not part of the state root.
     var stakeUsers: [UInt64: PublicKey] = [:]
@@ -108,6 +114,8 @@ public struct LedgerState: Sendable {
     var noticesDue: [UInt64: [ReceiptNoticeKey]] = [:]
     /// The payer of every noticed request (derivable from `receiptNotices`).
     var noticedRequests: [NoticedRequest: Account] = [:]
+    /// Data request keys by the height their deadline ends (entries may be stale: answered since).
+    var dataRequestsDue: [UInt64: [DataRequestKey]] = [:]
 
     struct DedupEntry: Hashable, Sendable {
         var location: TxLocation
@@ -254,6 +262,8 @@ public struct LedgerState: Sendable {
         case .settle(let batch): result = applySettle(batch, signer: tx.signer, height: context.height, tx: id, commit: commit)
         case .challengeSettlement(let c): result = applyChallenge(c, signer: tx.signer, commit: commit)
         case .nodeSettle(let n): result = applyNodeSettle(n, signer: tx.signer, height: context.height, tx: id, commit: commit)
+        case .dataRequest(let r): result = applyDataRequest(r, signer: tx.signer, height: context.height, tx: id, commit: commit)
+        case .dataResponse(let r): result = applyDataResponse(r, signer: tx.signer, height: context.height, commit: commit)
         }
         switch result {
         case .failure(let error):
@@ -482,12 +492,13 @@ public struct LedgerState: Sendable {
 
     /// The deterministic per-height step, run after the block's transactions and before `endBlock`: everything
     /// that falls due at `height` happens here, in a fixed order (docs/SETTLEMENT.md § 5): escrow withdrawals,
-    /// then settlements whose challenge window ends (money moves), then routers whose settlement deadline passed
+    /// then data requests whose deadline passed unanswered (the pair's charge reverts), then settlements whose challenge window ends (money moves), then routers whose settlement deadline passed
     /// (their nodes' notices settle), then node payouts whose audit window ends.
     /// Nothing here may read a clock or depend on dictionary order.
     public mutating func finishHeight(_ height: UInt64) -> [BlockEvent] {
         var events = [BlockEvent]()
         events += returnDueEscrows(height: height)
+        events += resolveDueDataRequests(height: height)
         events += finaliseDueSettlements(height: height)
         events += defaultLateRouters(height: height)
         events += releaseDuePayouts(height: height)

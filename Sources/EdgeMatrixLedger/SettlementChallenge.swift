@@ -152,33 +152,15 @@ extension LedgerState {
         }
         let evidenceID = Hash32.of([0x10] + c.settlement.keyBytes + remedy.evidence)
         guard !usedEvidence.contains(evidenceID) else { return .failure(.evidenceAlreadyUsed(evidenceID)) }
-        // The slash: the bond plus twice what the router took or kept, capped by its stake (also while unbonding).
-        let routerNode = nodes[c.router]
-        let stake = routerNode.flatMap { stakes[$0.stakeID] }
-        let claimed = remedy.revert.addingSaturating(remedy.owed)
-        let wanted = bond.addingSaturating(claimed.multipliedReportingOverflow(by: 2).overflow ? .max : claimed * 2)
-        let slashed = min(wanted, stake?.amount.baseUnits ?? 0)
-        // At least half of the slash is burned; the other half makes the node whole, then rewards the challenger.
-        // Accounts linked to the router (its owner or the router key itself) get nothing: their share is burned.
-        let half = slashed / 2
-        let routerOwner = routerNode.map { $0.owner }
-        let linked = { (key: PublicKey?) in key == nil || key == routerOwner || key == c.router }
-        let nodeOwner = remedy.owedNode.flatMap { nodes[$0]?.owner }
-        let compensation = linked(nodeOwner) ? 0 : min(remedy.owed, half)
-        let reward = linked(signer) ? 0 : half - compensation
+        let slash = planSlash(c.router, bond: bond, claimed: remedy.revert.addingSaturating(remedy.owed), owed: remedy.owed,
+                              owedNode: remedy.owedNode, claimant: signer)
         let effect = TxEffect.challengeUpheld(router: c.router, batch: c.batchNumber, code: verdict.code,
-                                              reverted: Amount(baseUnits: remedy.revert), slashed: Amount(baseUnits: slashed),
-                                              reward: Amount(baseUnits: reward), compensation: Amount(baseUnits: compensation))
+                                              reverted: Amount(baseUnits: remedy.revert), slashed: Amount(baseUnits: slash.slashed),
+                                              reward: Amount(baseUnits: slash.reward), compensation: Amount(baseUnits: slash.compensation))
         guard commit else { return .success((fee, effect)) }
         debit(challenger, fee.baseUnits)  // the bond stays with the challenger
         usedEvidence.insert(evidenceID)
-        if var s = stake, slashed > 0 {
-            s.amount = Amount(baseUnits: s.amount.baseUnits - slashed)
-            stakes[s.id] = s
-        }
-        credit(challenger, reward)
-        if let nodeOwner, compensation > 0 { credit(Account(owner: nodeOwner), compensation) }
-        burn(slashed - reward - compensation)
+        commitSlash(slash)
         var updated = record
         if let index = remedy.entry, remedy.revert > 0 {
             if updated.reverted.isEmpty { updated.reverted = Array(repeating: 0, count: updated.entries.count) }
@@ -190,6 +172,54 @@ extension LedgerState {
         updated.upheldChallenges += 1
         settlements[c.settlement] = updated
         return .success((fee, effect))
+    }
+
+    /// A slash of a router: the plan (pure) and where the money goes.
+    struct RouterSlash {
+        var router: PublicKey
+        var slashed: UInt64
+        var reward: UInt64
+        var compensation: UInt64
+        var claimant: Account
+        var nodeOwner: Account?
+    }
+
+    /// The slash for a proven fault: the bond plus twice what the router took or kept (`claimed`), capped by its
+    /// stake (also while unbonding). At least half of it is burned; the other half first makes the node whole for
+    /// `owed` (paid to `owedNode`'s owner), then rewards the claimant. Accounts linked to the router (its owner or
+    /// the router key itself) get nothing: their share is burned.
+    func planSlash(_ router: PublicKey, bond: UInt64, claimed: UInt64, owed: UInt64, owedNode: PublicKey?, claimant: PublicKey) -> RouterSlash {
+        let routerNode = nodes[router]
+        let stake = routerNode.flatMap { stakes[$0.stakeID] }
+        let wanted = bond.addingSaturating(claimed.multipliedReportingOverflow(by: 2).overflow ? .max : claimed * 2)
+        let slashed = min(wanted, stake?.amount.baseUnits ?? 0)
+        let half = slashed / 2
+        let routerOwner = routerNode.map { $0.owner }
+        let linked = { (key: PublicKey?) in key == nil || key == routerOwner || key == router }
+        let nodeOwner = owedNode.flatMap { nodes[$0]?.owner }
+        let compensation = linked(nodeOwner) ? 0 : min(owed, half)
+        let reward = linked(claimant) ? 0 : half - compensation
+        return RouterSlash(router: router, slashed: slashed, reward: reward, compensation: compensation,
+                           claimant: Account(owner: claimant), nodeOwner: nodeOwner.map { Account(owner: $0) })
+    }
+
+    /// Takes a planned slash from the router's stake, pays the node owner and the claimant, burns the rest.
+    mutating func commitSlash(_ slash: RouterSlash) {
+        if let stakeID = nodes[slash.router]?.stakeID, var s = stakes[stakeID], slash.slashed > 0 {
+            s.amount = Amount(baseUnits: s.amount.baseUnits - slash.slashed)
+            stakes[s.id] = s
+        }
+        credit(slash.claimant, slash.reward)
+        if let owner = slash.nodeOwner, slash.compensation > 0 { credit(owner, slash.compensation) }
+        burn(slash.slashed - slash.reward - slash.compensation)
+    }
+
+    /// Plans and commits a slash.
+    mutating func slashRouter(_ router: PublicKey, bond: UInt64, claimed: UInt64, owed: UInt64, owedNode: PublicKey?,
+                              claimant: PublicKey) -> RouterSlash {
+        let slash = planSlash(router, bond: bond, claimed: claimed, owed: owed, owedNode: owedNode, claimant: claimant)
+        commitSlash(slash)
+        return slash
     }
 
     /// Runs the claim's check and, when upheld, says what to undo.

@@ -131,6 +131,7 @@ extension BlockEvent {
         case .settlementFinal(let key, _, _, _): key
         case .payoutReleased(let payout): payout.settlement
         case .routerDefaulted: nil
+        case .dataWithheld(let key, _, _, _, _): key.settlement
         }
     }
 }
@@ -269,6 +270,7 @@ extension LedgerState {
             record.status = paid == 0 && record.upheldChallenges > 0 ? .reverted : .final
             record.entries = []
             settlements[key] = record
+            dropDataRequests(of: key)
             events.append(.settlementFinal(key, total: Amount(baseUnits: paid), routerFees: Amount(baseUnits: routerFees), burned: Amount(baseUnits: burnedHere)))
         }
         return events

@@ -6,7 +6,7 @@ import EdgeMatrixCore
 extension LedgerState {
     enum Section: UInt8 {
         case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6, escrow = 7
-        case settlement = 8, settlementCursor = 9, heldPayout = 10, receiptNotice = 11, routerDefault = 12
+        case settlement = 8, settlementCursor = 9, heldPayout = 10, receiptNotice = 11, routerDefault = 12, dataRequest = 13
     }
 
     public func stateRoot() -> Hash32 { MerkleTree.root(leaves: stateLeaves()) }
@@ -144,6 +144,30 @@ extension LedgerState {
         }
         keyed(.routerDefault, routerDefaults.map { ($0.key, []) }, key: { $0.rawRepresentation }) { router in
             { w in w.write(self.routerDefaults[router] ?? 0) }
+        }
+        keyed(.dataRequest, dataRequests.map { ($0.key, []) }, key: { $0.keyBytes }) { key in
+            { w in
+                let r = self.dataRequests[key]!
+                r.requester.encode(to: &w)
+                r.bond.encode(to: &w)
+                w.write(r.requestedAtHeight)
+                w.write(r.dueAtHeight)
+                w.writeRaw(r.tx.bytes)
+                w.write(r.status.tag)
+                w.write(r.resolvedAtHeight)
+                w.write(r.received.leafCount)
+                w.write(r.received.total)
+                let frontier = r.received.frontier
+                w.write(UInt8(truncatingIfNeeded: frontier.count))
+                for node in frontier {
+                    if let node {
+                        w.write(UInt8(1))
+                        node.encode(to: &w)
+                    } else {
+                        w.write(UInt8(0))
+                    }
+                }
+            }
         }
         return leaves
     }

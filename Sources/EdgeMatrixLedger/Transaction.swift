@@ -174,6 +174,10 @@ public enum TransactionKind: Hashable, Sendable {
     case challengeSettlement(SettlementChallenge)
     /// A compute node notices (or, after its router defaulted, settles) its own countersigned receipts (docs/SETTLEMENT.md § 10).
     case nodeSettle(NodeSettlement)
+    /// A payer or compute node asks a router for a pending pair's leaves, with a bond (docs/SETTLEMENT.md § 11).
+    case dataRequest(DataRequest)
+    /// The router posts a requested pair's leaves, in ordered chunks (docs/SETTLEMENT.md § 11).
+    case dataResponse(DataResponse)
 
     public var name: String {
         switch self {
@@ -191,6 +195,8 @@ public enum TransactionKind: Hashable, Sendable {
         case .settle: "settle"
         case .challengeSettlement: "challenge_settlement"
         case .nodeSettle: "node_settle"
+        case .dataRequest: "data_request"
+        case .dataResponse: "data_response"
         }
     }
 }
@@ -276,6 +282,12 @@ extension TransactionBody: CanonicalCodable {
         case .nodeSettle(let n):
             writer.write(UInt8(14))
             n.encode(to: &writer)
+        case .dataRequest(let r):
+            writer.write(UInt8(15))
+            r.encode(to: &writer)
+        case .dataResponse(let r):
+            writer.write(UInt8(16))
+            r.encode(to: &writer)
         }
     }
 
@@ -335,7 +347,9 @@ extension TransactionBody: CanonicalCodable {
             let batch = try reader.readUInt64()
             kind = .challengeSettlement(SettlementChallenge(router: router, batchNumber: batch, claim: try SettlementClaim(from: &reader)))
         case 14: kind = .nodeSettle(try NodeSettlement(from: &reader))
-        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 14)")
+        case 15: kind = .dataRequest(try DataRequest(from: &reader))
+        case 16: kind = .dataResponse(try DataResponse(from: &reader))
+        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 16)")
         }
     }
 }
@@ -370,10 +384,10 @@ public struct Transaction: Hashable, Sendable {
             body = try TransactionBody(from: &reader)
             try reader.expectEnd()
         } catch { throw .malformed(error.description) }
-        // Only settlement batches, challenges and node settlements (which carry receipts and witnesses) may exceed
-        // the ordinary limit.
+        // Only settlement batches, challenges, node settlements and data responses (which carry receipts and
+        // witnesses) may exceed the ordinary limit.
         switch body.kind {
-        case .settle, .challengeSettlement, .nodeSettle: break
+        case .settle, .challengeSettlement, .nodeSettle, .dataResponse: break
         default:
             guard bodyBytes.count <= TransactionLimits.maxTransactionBytes else {
                 throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)
