@@ -391,6 +391,18 @@ func txJSON(_ tx: Transaction) -> [String: Any] {
         object["router"] = n.router.hex
         object["node_key"] = n.node.hex
         object["receipt_count"] = n.receipts.count
+    case .dataRequest(let r):
+        object["router"] = r.router.hex
+        object["batch"] = r.batchNumber
+        object["payer"] = r.payer.description
+        object["node_key"] = r.node.hex
+    case .dataResponse(let r):
+        object["router"] = r.router.hex
+        object["batch"] = r.batchNumber
+        object["payer"] = r.payer.description
+        object["node_key"] = r.node.hex
+        object["first_index"] = r.firstIndex
+        object["leaf_count"] = r.leaves.count
     default:
         break
     }

@@ -214,12 +214,12 @@ struct Tx: AsyncParsableCommand {
         abstract: "Sign and submit transactions: emc tx <module> <verb>.",
         discussion: """
         Modules: token (transfer), stake (bond, unbond, withdraw), node (register, update, retire, prices, router-fee), \
-        escrow (open, withdraw). `emc tx transfer` \
+        escrow (open, withdraw), settlement (request-data). `emc tx transfer` \
         is short for `emc tx token transfer`. Each command signs with --key, submits to --node (default \
         $EMC_NODE_URL) and waits until the transaction is in a block; a transaction the chain refuses prints why and \
         exits with status 1. Fees are the ledger's transfer fee, burned.
         """,
-        subcommands: [Transfer.self, Token.self, Stake.self, NodeTx.self, EscrowTx.self])
+        subcommands: [Transfer.self, Token.self, Stake.self, NodeTx.self, EscrowTx.self, SettlementTx.self])
 
     struct Transfer: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
@@ -536,6 +536,50 @@ struct Tx: AsyncParsableCommand {
                     try await EscrowTx.escrowFields(client: client, account: account, router: routerKey)
                 }
                 if !tx.json { EscrowTx.describe(result) }
+            }
+        }
+    }
+}
+
+extension Tx {
+    struct SettlementTx: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "settlement",
+            abstract: "Transactions about routers' settlement batches.",
+            subcommands: [RequestData.self])
+
+        struct RequestData: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "request-data",
+                abstract: "Ask a router on chain for the leaves of one (payer, node) pair of a pending batch (data_request, kind 15).",
+                discussion: """
+                For a payer or compute node whose router does not serve a pair's leaves. Sign with the payer account's \
+                key, the compute node key, or the node's owner key; the account posts challenge_bond (see `emc query \
+                params`) plus the fee. The router must post the leaves on chain (data_response, kind 16) by the deadline: \
+                half the batch's challenge window after this request, which must be filed in the window's first half. \
+                Answered in full, the bond comes back. Not answered, at the deadline the pair's charge returns to the \
+                payer's escrow, the router is slashed, the node owner is made whole from the slash and the bond comes \
+                back (docs/SETTLEMENT.md § 11). Example: emc tx settlement request-data --router R --batch 3 --payer \
+                me.key --node N --key me.key
+                """)
+            @Option(help: "The router's node key: 64 hex digits or its key file.") var router: String
+            @Option(help: "The router's batch number (emc query settlements --router R).") var batch: UInt64
+            @Option(help: "The pair's payer account (text form or key file; default: the --key account).") var payer: String?
+            @Option(help: "The pair's compute node key: 64 hex digits or its key file.") var node: String
+            @OptionGroup var tx: TxOptions
+
+            func run() async throws {
+                let client = try tx.node.client()
+                let routerKey = try parsePublicKeyArgument(router, option: "--router")
+                let nodeKey = try parsePublicKeyArgument(node, option: "--node")
+                let signer = try tx.signer()
+                let payerAccount = try payer.map(parseAccountArgument) ?? Account(owner: signer.publicKey)
+                let request = DataRequest(router: routerKey, batchNumber: batch, payer: payerAccount, node: nodeKey)
+                _ = try await tx.submit({ _ in .dataRequest(request) }, signer: signer, client: client)
+                if !tx.json {
+                    say("asked router \(routerKey.nodeID) for the leaves of \(payerAccount) → \(nodeKey.nodeID) in batch \(batch); "
+                        + "see `emc query settlements --router \(routerKey.hex)` for the outcome")
+                }
             }
         }
     }
