@@ -108,6 +108,9 @@ public enum BlockEvent: Hashable, Sendable {
     /// A data request's deadline passed unanswered: `reverted` went back to the payer's escrow and the router was
     /// slashed `slashed` (`reward` to the requester, `compensation` to the node owner, the rest burned).
     case dataWithheld(DataRequestKey, reverted: Amount, slashed: Amount, reward: Amount, compensation: Amount)
+    /// An omission query's deadline passed unanswered: the router was slashed `slashed` (`compensation` to the node
+    /// owner for the receipt's worth, `reward` to the querier, the rest burned).
+    case omissionUpheld(OmissionQueryKey, slashed: Amount, reward: Amount, compensation: Amount)
 }
 
 // MARK: - Applying escrow and pricing transactions

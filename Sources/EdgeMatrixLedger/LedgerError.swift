@@ -71,6 +71,9 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
     case dataRequestTooLate(router: PublicKey, batch: UInt64, lastHeight: UInt64)
     case noOpenDataRequest(router: PublicKey, batch: UInt64, pair: SettlementPair)
     case dataResponseRefused(code: String, message: String)
+    // Interactive omission (kinds 17 and 18)
+    case omissionQueryRefused(code: String, message: String)
+    case omissionAnswerRefused(code: String, message: String)
     // Consensus-reported misbehaviour
     case unknownValidator(nodeKey: PublicKey)
     case evidenceAlreadyUsed(Hash32)
@@ -133,6 +136,8 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .dataRequestTooLate: "DataRequestTooLate"
         case .noOpenDataRequest: "NoOpenDataRequest"
         case .dataResponseRefused: "DataResponseRefused"
+        case .omissionQueryRefused: "OmissionQueryRefused"
+        case .omissionAnswerRefused: "OmissionAnswerRefused"
         case .unknownValidator: "UnknownValidator"
         case .evidenceAlreadyUsed: "EvidenceAlreadyUsed"
         }
@@ -196,10 +201,12 @@ public enum LedgerError: Error, Hashable, Sendable, CustomStringConvertible {
         case .dataAlreadyRequested(let router, let batch, let pair, let status):
             "the leaves of pair \(pair) of router \(router.nodeID)'s batch \(batch) were already requested (\(status))"
         case .dataRequestTooLate(let router, let batch, let last):
-            "a data request on router \(router.nodeID)'s batch \(batch) must be filed by block \(last), so that its deadline ends before the challenge window"
+            "a data request or omission query on router \(router.nodeID)'s batch \(batch) must be filed by block \(last), so that its deadline ends before the challenge window"
         case .noOpenDataRequest(let router, let batch, let pair):
             "no open data request for pair \(pair) of router \(router.nodeID)'s batch \(batch)"
         case .dataResponseRefused(let code, let message): "data response refused (\(code)): \(message)"
+        case .omissionQueryRefused(let code, let message): "omission query refused (\(code)): \(message)"
+        case .omissionAnswerRefused(let code, let message): "omission answer refused (\(code)): \(message)"
         case .unknownValidator(let key): "no validator node \(key.nodeID) with a stake to slash"
         case .evidenceAlreadyUsed(let id): "evidence \(id) was already used to slash"
         }

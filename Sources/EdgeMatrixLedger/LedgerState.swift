@@ -40,6 +40,10 @@ public enum TxEffect: Hashable, Sendable {
     case dataRequested(router: PublicKey, batch: UInt64, pair: SettlementPair, dueAtHeight: UInt64, bond: Amount)
     /// The router posted leaves of a requested pair: `leaves` of them so far; `complete` when the request closed.
     case dataAnswered(router: PublicKey, batch: UInt64, pair: SettlementPair, leaves: UInt64, complete: Bool)
+    /// A compute node filed a receipt worth `worth` that the router must prove in its batch by `dueAtHeight`.
+    case omissionQueried(router: PublicKey, batch: UInt64, leaf: SettlementLeafKey, worth: Amount, dueAtHeight: UInt64)
+    /// The router proved the queried receipt's leaf; the querier's bond was burned.
+    case omissionAnswered(router: PublicKey, batch: UInt64, leaf: SettlementLeafKey, bondBurned: Amount)
 }
 
 public struct TxOutcome: Hashable, Sendable {
@@ -96,6 +100,8 @@ public struct LedgerState: Sendable {
     var routerDefaults: [PublicKey: UInt64] = [:]
     /// Data requests (kind 15) of settlements not yet final; see DataRequest.swift.
     var dataRequests: [DataRequestKey: DataRequestRecord] = [:]
+    /// Omission queries (kind 17) of settlements not yet final; see OmissionQuery.swift.
+    var omissionQueries: [OmissionQueryKey: OmissionQueryRecord] = [:]
 
     // Indexes derivable from the state above; not part of the state root.
     var stakeUsers: [UInt64: PublicKey] = [:]
@@ -116,6 +122,8 @@ public struct LedgerState: Sendable {
     var noticedRequests: [NoticedRequest: Account] = [:]
     /// Data request keys by the height their deadline ends (entries may be stale: answered since).
     var dataRequestsDue: [UInt64: [DataRequestKey]] = [:]
+    /// Omission query keys by the height their deadline ends.
+    var omissionQueriesDue: [UInt64: [OmissionQueryKey]] = [:]
 
     struct DedupEntry: Hashable, Sendable {
         var location: TxLocation
@@ -264,6 +272,8 @@ public struct LedgerState: Sendable {
         case .nodeSettle(let n): result = applyNodeSettle(n, signer: tx.signer, height: context.height, tx: id, commit: commit)
         case .dataRequest(let r): result = applyDataRequest(r, signer: tx.signer, height: context.height, tx: id, commit: commit)
         case .dataResponse(let r): result = applyDataResponse(r, signer: tx.signer, height: context.height, commit: commit)
+        case .omissionQuery(let q): result = applyOmissionQuery(q, signer: tx.signer, height: context.height, tx: id, commit: commit)
+        case .omissionAnswer(let a): result = applyOmissionAnswer(a, signer: tx.signer, height: context.height, commit: commit)
         }
         switch result {
         case .failure(let error):
@@ -492,13 +502,15 @@ public struct LedgerState: Sendable {
 
     /// The deterministic per-height step, run after the block's transactions and before `endBlock`: everything
     /// that falls due at `height` happens here, in a fixed order (docs/SETTLEMENT.md § 5): escrow withdrawals,
-    /// then data requests whose deadline passed unanswered (the pair's charge reverts), then settlements whose challenge window ends (money moves), then routers whose settlement deadline passed
+    /// then data requests whose deadline passed unanswered (the pair's charge reverts), then omission queries left
+    /// unanswered (upheld), then settlements whose challenge window ends (money moves), then routers whose settlement deadline passed
     /// (their nodes' notices settle), then node payouts whose audit window ends.
     /// Nothing here may read a clock or depend on dictionary order.
     public mutating func finishHeight(_ height: UInt64) -> [BlockEvent] {
         var events = [BlockEvent]()
         events += returnDueEscrows(height: height)
         events += resolveDueDataRequests(height: height)
+        events += resolveDueOmissionQueries(height: height)
         events += finaliseDueSettlements(height: height)
         events += defaultLateRouters(height: height)
         events += releaseDuePayouts(height: height)

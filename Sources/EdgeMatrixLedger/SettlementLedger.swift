@@ -132,6 +132,7 @@ extension BlockEvent {
         case .payoutReleased(let payout): payout.settlement
         case .routerDefaulted: nil
         case .dataWithheld(let key, _, _, _, _): key.settlement
+        case .omissionUpheld(let key, _, _, _): key.settlement
         }
     }
 }
@@ -271,6 +272,7 @@ extension LedgerState {
             record.entries = []
             settlements[key] = record
             dropDataRequests(of: key)
+            dropOmissionQueries(of: key)
             events.append(.settlementFinal(key, total: Amount(baseUnits: paid), routerFees: Amount(baseUnits: routerFees), burned: Amount(baseUnits: burnedHere)))
         }
         return events

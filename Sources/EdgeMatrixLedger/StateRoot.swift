@@ -6,7 +6,7 @@ import EdgeMatrixCore
 extension LedgerState {
     enum Section: UInt8 {
         case meta = 0, balance = 1, stake = 2, node = 3, validator = 4, dedup = 5, evidence = 6, escrow = 7
-        case settlement = 8, settlementCursor = 9, heldPayout = 10, receiptNotice = 11, routerDefault = 12, dataRequest = 13
+        case settlement = 8, settlementCursor = 9, heldPayout = 10, receiptNotice = 11, routerDefault = 12, dataRequest = 13, omissionQuery = 14
     }
 
     public func stateRoot() -> Hash32 { MerkleTree.root(leaves: stateLeaves()) }
@@ -167,6 +167,19 @@ extension LedgerState {
                         w.write(UInt8(0))
                     }
                 }
+            }
+        }
+        keyed(.omissionQuery, omissionQueries.map { ($0.key, []) }, key: { $0.keyBytes }) { key in
+            { w in
+                let q = self.omissionQueries[key]!
+                q.requester.encode(to: &w)
+                q.bond.encode(to: &w)
+                w.write(q.worth)
+                w.write(q.requestedAtHeight)
+                w.write(q.dueAtHeight)
+                w.writeRaw(q.tx.bytes)
+                w.write(q.status.tag)
+                w.write(q.resolvedAtHeight)
             }
         }
         return leaves

@@ -178,6 +178,10 @@ public enum TransactionKind: Hashable, Sendable {
     case dataRequest(DataRequest)
     /// The router posts a requested pair's leaves, in ordered chunks (docs/SETTLEMENT.md § 11).
     case dataResponse(DataResponse)
+    /// A compute node asks the router to prove its receipt is in a pending batch, with a bond (docs/SETTLEMENT.md § 12).
+    case omissionQuery(OmissionQuery)
+    /// The router proves a queried receipt's leaf (docs/SETTLEMENT.md § 12).
+    case omissionAnswer(OmissionAnswer)
 
     public var name: String {
         switch self {
@@ -197,6 +201,8 @@ public enum TransactionKind: Hashable, Sendable {
         case .nodeSettle: "node_settle"
         case .dataRequest: "data_request"
         case .dataResponse: "data_response"
+        case .omissionQuery: "omission_query"
+        case .omissionAnswer: "omission_answer"
         }
     }
 }
@@ -288,6 +294,12 @@ extension TransactionBody: CanonicalCodable {
         case .dataResponse(let r):
             writer.write(UInt8(16))
             r.encode(to: &writer)
+        case .omissionQuery(let q):
+            writer.write(UInt8(17))
+            q.encode(to: &writer)
+        case .omissionAnswer(let a):
+            writer.write(UInt8(18))
+            a.encode(to: &writer)
         }
     }
 
@@ -349,7 +361,9 @@ extension TransactionBody: CanonicalCodable {
         case 14: kind = .nodeSettle(try NodeSettlement(from: &reader))
         case 15: kind = .dataRequest(try DataRequest(from: &reader))
         case 16: kind = .dataResponse(try DataResponse(from: &reader))
-        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 16)")
+        case 17: kind = .omissionQuery(try OmissionQuery(from: &reader))
+        case 18: kind = .omissionAnswer(try OmissionAnswer(from: &reader))
+        default: throw .invalidValue("transaction kind \(tag) (expected 1 to 18)")
         }
     }
 }
@@ -384,10 +398,10 @@ public struct Transaction: Hashable, Sendable {
             body = try TransactionBody(from: &reader)
             try reader.expectEnd()
         } catch { throw .malformed(error.description) }
-        // Only settlement batches, challenges, node settlements and data responses (which carry receipts and
-        // witnesses) may exceed the ordinary limit.
+        // Only settlement batches, challenges, node settlements, data responses and omission queries and answers
+        // (which carry receipts and witnesses) may exceed the ordinary limit.
         switch body.kind {
-        case .settle, .challengeSettlement, .nodeSettle, .dataResponse: break
+        case .settle, .challengeSettlement, .nodeSettle, .dataResponse, .omissionQuery, .omissionAnswer: break
         default:
             guard bodyBytes.count <= TransactionLimits.maxTransactionBytes else {
                 throw .tooLarge(bytes: bodyBytes.count, limit: TransactionLimits.maxTransactionBytes)
