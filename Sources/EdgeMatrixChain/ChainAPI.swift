@@ -403,6 +403,12 @@ func txJSON(_ tx: Transaction) -> [String: Any] {
         object["node_key"] = r.node.hex
         object["first_index"] = r.firstIndex
         object["leaf_count"] = r.leaves.count
+    case .omissionQuery(let q):
+        object["router"] = q.router.hex
+        object["batch"] = q.batchNumber
+    case .omissionAnswer(let a):
+        object["router"] = a.router.hex
+        object["batch"] = a.batchNumber
     default:
         break
     }
