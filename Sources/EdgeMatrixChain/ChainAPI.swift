@@ -245,6 +245,20 @@ struct ChainAPI: Sendable {
             if let height = s.ledger.routerDefaultHeight(routerKey) { object["defaulted_at_height"] = height }
             return jsonResponse(object)
         }
+        router.get("/data-requests") { request, _ in
+            // Data requests (kind 15) and omission queries (kind 17) of settlements not yet final, of one router.
+            var routerKey: PublicKey?
+            if let text = request.uri.queryParameters["router"] {
+                guard let key = try? PublicKey(hex: String(text)) else {
+                    throw ChainAPIError.badRequest("invalid_router", "router must be a node key, 64 hex digits")
+                }
+                routerKey = key
+            }
+            let s = view.current
+            return jsonResponse(["height": s.height,
+                                 "data_requests": s.ledger.dataRequests(router: routerKey).map(dataRequestJSON),
+                                 "omission_queries": s.ledger.omissionQueries(router: routerKey).map(omissionQueryJSON)] as [String: Any])
+        }
         router.get("/notices") { request, _ in
             // Receipts compute nodes noticed or settled themselves (kind 14), of one router and/or node.
             func key(_ name: String) throws -> PublicKey? {
@@ -330,6 +344,22 @@ func settlementJSON(_ r: SettlementRecord) -> [String: Any] {
      "commitment": r.commitment.hex, "included_height": r.includedAtHeight, "final_height": r.finalAtHeight,
      "router_fee_bps": r.routerFeeBps, "protocol_fee_bps": r.protocolFeeBps, "upheld_challenges": r.upheldChallenges,
      "reverted_base_units": r.revertedTotal]
+}
+
+/// One data request (kind 15) as the API shows it.
+func dataRequestJSON(_ r: DataRequestRecord) -> [String: Any] {
+    ["router": r.key.settlement.router.hex, "batch": r.key.settlement.batchNumber, "payer": r.key.pair.payer.description,
+     "node": r.key.pair.node.hex, "requester": r.requester.description, "status": r.status.rawValue,
+     "requested_height": r.requestedAtHeight, "due_height": r.dueAtHeight, "resolved_height": r.resolvedAtHeight,
+     "leaves_posted": r.receivedLeaves, "tx": r.tx.hex]
+}
+
+/// One omission query (kind 17) as the API shows it.
+func omissionQueryJSON(_ q: OmissionQueryRecord) -> [String: Any] {
+    ["router": q.key.settlement.router.hex, "batch": q.key.settlement.batchNumber, "payer": q.key.leaf.payer.description,
+     "node": q.key.leaf.node.hex, "sequence": q.key.leaf.sequence, "attempt": q.key.leaf.attempt,
+     "requester": q.requester.description, "worth_base_units": q.worth, "status": q.status.rawValue,
+     "requested_height": q.requestedAtHeight, "due_height": q.dueAtHeight, "resolved_height": q.resolvedAtHeight, "tx": q.tx.hex]
 }
 
 /// One noticed receipt (kind 14) as the API shows it.

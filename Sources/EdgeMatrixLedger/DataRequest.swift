@@ -211,6 +211,11 @@ public struct DataRequestRecord: Sendable {
 extension LedgerState {
     public func dataRequest(_ key: DataRequestKey) -> DataRequestRecord? { dataRequests[key] }
 
+    /// Every data request of one router's settlements (all, without a router), in key order.
+    public func dataRequests(router: PublicKey?) -> [DataRequestRecord] {
+        dataRequests.values.filter { router == nil || $0.key.settlement.router == router }.sorted { $0.key < $1.key }
+    }
+
     /// Every data request (of one settlement, when given), in key order.
     public func dataRequests(settlement: SettlementKey? = nil) -> [DataRequestRecord] {
         dataRequests.values.filter { settlement == nil || $0.key.settlement == settlement }.sorted { $0.key < $1.key }

@@ -119,6 +119,11 @@ public struct OmissionQueryRecord: Hashable, Sendable {
 extension LedgerState {
     public func omissionQuery(_ key: OmissionQueryKey) -> OmissionQueryRecord? { omissionQueries[key] }
 
+    /// Every omission query of one router's settlements (all, without a router), in key order.
+    public func omissionQueries(router: PublicKey?) -> [OmissionQueryRecord] {
+        omissionQueries.values.filter { router == nil || $0.key.settlement.router == router }.sorted { $0.key < $1.key }
+    }
+
     /// The evidence id an omission of `leaf` in `settlement` is paid under, by a kind-13 claim or a query alike.
     static func omissionEvidenceID(_ settlement: SettlementKey, _ leaf: SettlementLeafKey) -> Hash32 {
         Hash32.of([0x10] + settlement.keyBytes + [5] + leaf.canonicalBytes)
