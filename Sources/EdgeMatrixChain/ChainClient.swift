@@ -134,6 +134,13 @@ public struct ChainClient: Sendable {
         return try await field("notices", of: query.isEmpty ? "/notices" : "/notices?" + query, as: "a `notices` array")
     }
 
+    /// `GET /data-requests[?router=KEY]`: data requests (kind 15) and omission queries (kind 17) of settlements not yet final.
+    public func dataRequests(router: PublicKey? = nil) async throws -> (dataRequests: [[String: Any]], omissionQueries: [[String: Any]]) {
+        let path = router.map { "/data-requests?router=\($0.hex)" } ?? "/data-requests"
+        return (try await field("data_requests", of: path, as: "a `data_requests` array"),
+                try await field("omission_queries", of: path, as: "an `omission_queries` array"))
+    }
+
     /// `GET /settlements/cursor/KEY`'s `defaulted_at_height`: the height at which the router missed a deadline, or nil.
     public func routerDefaultHeight(router: PublicKey) async throws -> UInt64? {
         (try await get("/settlements/cursor/\(router.hex)")["defaulted_at_height"] as? NSNumber)?.uint64Value

@@ -51,6 +51,15 @@ public struct OmissionAnswer: Hashable, Sendable {
         self.witness = witness
     }
 
+    /// The router's answer from the pair's leaves (all of them, in tree order, as its batch committed them): the
+    /// leaf with `key` and its proof; nil when no leaf has that key (the receipt was left out).
+    public static func make(router: PublicKey, batchNumber: UInt64, key: SettlementLeafKey, pairLeaves: [SettlementLeaf]) -> OmissionAnswer? {
+        guard let index = pairLeaves.firstIndex(where: { $0.key == key }),
+              let tree = try? SettlementBatchBuilder.pairTree(leaves: pairLeaves),
+              let witness = try? SettlementLeafWitness(tree: tree, leaves: pairLeaves, index: index) else { return nil }
+        return OmissionAnswer(router: router, batchNumber: batchNumber, key: key, witness: witness)
+    }
+
     public var queryKey: OmissionQueryKey { OmissionQueryKey(settlement: SettlementKey(router: router, batchNumber: batchNumber), leaf: key) }
 }
 

@@ -118,6 +118,23 @@ public enum SettlementBatcher {
         throw SettlementBatcherError.keptChanging(attempts: attempts)
     }
 
+    /// The `data_response` transactions (kind 16) that answer a data request for one pair of a stored batch, in
+    /// order: every leaf of the pair, chunked to fit.
+    public static func dataResponses(store: SettlementStore, batch: StoredSettlementBatch, router: PublicKey, payer: Account,
+                                     node: PublicKey) async throws -> [DataResponse] {
+        let leaves = try await pairLeaves(store: store, batch: batch, router: router, payer: payer, node: node)
+        return DataResponse.chunks(router: router, batchNumber: batch.batch, pair: SettlementPair(payer: payer, node: node),
+                                   leaves: leaves.map(DataLeaf.init))
+    }
+
+    /// The `omission_answer` (kind 18) for a queried receipt key of a stored batch: its leaf and proof, or nil when
+    /// the batch does not hold it.
+    public static func omissionAnswer(store: SettlementStore, batch: StoredSettlementBatch, router: PublicKey,
+                                      key: SettlementLeafKey) async throws -> OmissionAnswer? {
+        let leaves = try await pairLeaves(store: store, batch: batch, router: router, payer: key.payer, node: key.node)
+        return OmissionAnswer.make(router: router, batchNumber: batch.batch, key: key, pairLeaves: leaves)
+    }
+
     /// The leaves of one pair in a stored batch, in leaf order: exactly those its entry commits to.
     public static func pairLeaves(store: SettlementStore, batch: StoredSettlementBatch, router: PublicKey, payer: Account,
                                   node: PublicKey) async throws -> [SettlementLeaf] {

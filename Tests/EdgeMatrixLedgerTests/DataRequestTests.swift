@@ -62,6 +62,9 @@ struct DataRequestTests {
         #expect(pair == d.pairA && postedBond.baseUnits == bond && due == d.f.height + 4)
         #expect(d.c.s.balance(d.c.s.carol) == carol0 - bond - fee)
         #expect(d.record?.status == .open)
+        // The router's chunks of the pair (one here) would close it at once; this test posts two by hand.
+        let chunks = DataResponse.chunks(router: d.c.s.router, batchNumber: 0, pair: d.pairA, leaves: d.leavesA.map(DataLeaf.init))
+        #expect(chunks.count == 1 && d.refused(d.f.tx(d.c.s.r.router, .dataResponse(chunks[0]))).0 == nil)
         // Chunk 1: leaves 0 and 1. Chunk 2: leaf 2 closes it.
         #expect(try d.f.submit(d.response(Array(d.leavesA[0..<2]))).get().effect
                 == .dataAnswered(router: d.c.s.router, batch: 0, pair: d.pairA, leaves: 2, complete: false))
