@@ -560,24 +560,24 @@ extension Tx {
                 Answered in full, the bond comes back. Not answered, at the deadline the pair's charge returns to the \
                 payer's escrow, the router is slashed, the node owner is made whole from the slash and the bond comes \
                 back (docs/SETTLEMENT.md § 11). Example: emc tx settlement request-data --router R --batch 3 --payer \
-                me.key --node N --key me.key
+                me.key --node-key N --key me.key
                 """)
             @Option(help: "The router's node key: 64 hex digits or its key file.") var router: String
             @Option(help: "The router's batch number (emc query settlements --router R).") var batch: UInt64
             @Option(help: "The pair's payer account (text form or key file; default: the --key account).") var payer: String?
-            @Option(help: "The pair's compute node key: 64 hex digits or its key file.") var node: String
+            @Option(name: .customLong("node-key"), help: "The pair's compute node key: 64 hex digits or its key file.") var nodeKey: String
             @OptionGroup var tx: TxOptions
 
             func run() async throws {
                 let client = try tx.node.client()
                 let routerKey = try parsePublicKeyArgument(router, option: "--router")
-                let nodeKey = try parsePublicKeyArgument(node, option: "--node")
+                let computeKey = try parsePublicKeyArgument(nodeKey, option: "--node-key")
                 let signer = try tx.signer()
                 let payerAccount = try payer.map(parseAccountArgument) ?? Account(owner: signer.publicKey)
-                let request = DataRequest(router: routerKey, batchNumber: batch, payer: payerAccount, node: nodeKey)
+                let request = DataRequest(router: routerKey, batchNumber: batch, payer: payerAccount, node: computeKey)
                 _ = try await tx.submit({ _ in .dataRequest(request) }, signer: signer, client: client)
                 if !tx.json {
-                    say("asked router \(routerKey.nodeID) for the leaves of \(payerAccount) → \(nodeKey.nodeID) in batch \(batch); "
+                    say("asked router \(routerKey.nodeID) for the leaves of \(payerAccount) → \(computeKey.nodeID) in batch \(batch); "
                         + "see `emc query settlements --router \(routerKey.hex)` for the outcome")
                 }
             }
@@ -591,7 +591,7 @@ struct Query: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Read the chain through a validator's HTTP API: emc query <what> [--json].",
         subcommands: [Status.self, Balance.self, Block.self, TxQuery.self, Validators.self, Nodes.self, Stakes.self, Params.self, EscrowQuery.self,
-                      SettlementsQuery.self, NoticesQuery.self, EarningsQuery.self])
+                      SettlementsQuery.self, NoticesQuery.self, DataRequestsQuery.self, EarningsQuery.self])
 
     struct Status: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Chain id, latest committed height, block hash, state root, mempool size.")
@@ -853,6 +853,41 @@ extension Query {
                  "\(s["receipt_count"] ?? "")", "\(s["pair_count"] ?? "")", "\(s["total"] ?? "")", "\(s["status"] ?? "")",
                  "block \(s["final_height"] ?? "")"]
             })
+        }
+    }
+
+    struct DataRequestsQuery: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "data-requests",
+            abstract: "Data requests (kind 15) and omission queries (kind 17) that a router must answer on chain, of pending settlements.",
+            discussion: """
+            A payer or compute node asks a router on chain for a pair's leaves (emc tx settlement request-data), or a \
+            compute node files a receipt the router must prove is in its batch. Unanswered by due_height, the pair's \
+            charge is reverted (data requests) or the node is paid the receipt's worth (omission queries) and the \
+            router is slashed (docs/SETTLEMENT.md § 11, § 12). --json prints {data_requests: [...], omission_queries: \
+            [...]} as GET /data-requests does: router, batch, payer, node, requester, status (open | answered | \
+            withheld, or upheld for a query), requested_height, due_height, resolved_height, tx, and leaves_posted or \
+            sequence, attempt and worth_base_units.
+            """)
+        @Option(help: "Only this router: its node key (64 hex digits) or its key file.") var router: String?
+        @OptionGroup var node: NodeOption
+        @OptionGroup var output: OutputOption
+
+        func run() async throws {
+            let routerKey = try router.map { try parsePublicKeyArgument($0, option: "--router") }
+            let (requests, queries) = try await node.client().dataRequests(router: routerKey)
+            if output.json { return printJSON(["data_requests": requests, "omission_queries": queries] as [String: Any]) }
+            if requests.isEmpty && queries.isEmpty { return say("no data requests or omission queries on pending settlements") }
+            printTable(["KIND", "ROUTER", "BATCH", "PAYER", "NODE", "WHAT", "STATUS", "DUE AT"],
+                       requests.map { r in
+                           ["data", String("\(r["router"] ?? "")".prefix(12)), "\(r["batch"] ?? "")", "\(r["payer"] ?? "")",
+                            String("\(r["node"] ?? "")".prefix(12)), "\(r["leaves_posted"] ?? 0) leaves posted", "\(r["status"] ?? "")",
+                            "block \(r["due_height"] ?? "")"]
+                       } + queries.map { q in
+                           ["omission", String("\(q["router"] ?? "")".prefix(12)), "\(q["batch"] ?? "")", "\(q["payer"] ?? "")",
+                            String("\(q["node"] ?? "")".prefix(12)), "sequence \(q["sequence"] ?? "").\(q["attempt"] ?? "")",
+                            "\(q["status"] ?? "")", "block \(q["due_height"] ?? "")"]
+                       })
         }
     }
 
