@@ -99,6 +99,12 @@ public struct SettlementSubmitter: Service {
             }
         }
         guard view.reachable else { return }
+        // Before anything else that may be backing off: an open question left unanswered past its deadline costs
+        // the router a slash.
+        do { try await answerQueries(view) } catch is CancellationError {} catch {
+            failures.increment()
+            logger.error("cannot answer the chain's data requests or omission queries", metadata: ["error": "\(error)"])
+        }
         if let retryAt = view.retryAt, ContinuousClock.now < retryAt { return }
         do {
             try await submitPending(view)
@@ -241,6 +247,65 @@ public struct SettlementSubmitter: Service {
         }
     }
 
+    /// Answers what the chain asks of this router's pending settlements (docs/SETTLEMENT.md §§ 11–12): the leaves
+    /// of a pair (data request, kind 15 → `data_response` chunks in order, from where the posted ones end) and the
+    /// proof of a receipt's leaf (omission query, kind 17 → `omission_answer`). A query about a receipt the batch
+    /// does not hold cannot be answered: it is logged, and the ledger upholds it at its deadline.
+    func answerQueries(_ view: ChainView) async throws {
+        guard let chainID = view.chainID else { return }
+        let router = routerKey.publicKey
+        let (requests, queries) = try await client.dataRequests(router: router)
+        for request in requests where request["status"] as? String == DataRequestStatus.open.rawValue {
+            guard let batchNumber = Self.u64(request["batch"]), let posted = Self.u64(request["leaves_posted"]),
+                  let payer = (request["payer"] as? String).flatMap({ try? Account(text: $0) }),
+                  let node = (request["node"] as? String).flatMap({ try? PublicKey(hex: $0) }) else {
+                throw SettlementSubmitterError.malformed("GET /data-requests: a data request")
+            }
+            guard let stored = try await store.batch(batchNumber) else {
+                logger.error("data request for a batch this router does not hold", metadata: ["batch": "\(batchNumber)"])
+                continue
+            }
+            let chunks = try await SettlementBatcher.dataResponses(store: store, batch: stored, router: router, payer: payer, node: node)
+            for chunk in chunks where chunk.firstIndex >= posted {
+                try await send(.dataResponse(chunk), chainID: chainID, what: "data response", metadata: [
+                    "batch": "\(batchNumber)", "node": "\(node.nodeID.short)", "first_leaf": "\(chunk.firstIndex)", "leaves": "\(chunk.leaves.count)",
+                ])
+            }
+        }
+        for query in queries where query["status"] as? String == OmissionQueryStatus.open.rawValue {
+            guard let batchNumber = Self.u64(query["batch"]), let sequence = Self.u64(query["sequence"]),
+                  let attempt = Self.u64(query["attempt"]).flatMap({ UInt32(exactly: $0) }),
+                  let payer = (query["payer"] as? String).flatMap({ try? Account(text: $0) }),
+                  let node = (query["node"] as? String).flatMap({ try? PublicKey(hex: $0) }) else {
+                throw SettlementSubmitterError.malformed("GET /data-requests: an omission query")
+            }
+            let key = SettlementLeafKey(payer: payer, node: node, sequence: sequence, attempt: attempt)
+            guard let stored = try await store.batch(batchNumber),
+                  let answer = try await SettlementBatcher.omissionAnswer(store: store, batch: stored, router: router, key: key) else {
+                logger.error("omission query about a receipt this router's batch does not hold; it will be upheld", metadata: [
+                    "batch": "\(batchNumber)", "sequence": "\(sequence)", "attempt": "\(attempt)",
+                ])
+                continue
+            }
+            try await send(.omissionAnswer(answer), chainID: chainID, what: "omission answer", metadata: [
+                "batch": "\(batchNumber)", "sequence": "\(sequence)", "attempt": "\(attempt)",
+            ])
+        }
+    }
+
+    /// Signs, submits and waits for one transaction of this router's; a refusal is an error.
+    private func send(_ kind: TransactionKind, chainID: String, what: String, metadata: Logger.Metadata) async throws {
+        let tx = Transaction(signing: TransactionBody(chainID: chainID, createdAtMillis: wallClockMillis(), kind: kind), with: routerKey)
+        let hash = try await client.submit(tx)
+        let result = try await client.waitForCommit(hash: hash)
+        guard result["status"] as? String == "committed" else {
+            let error = result["error"] as? [String: Any]
+            throw SettlementSubmitterError.answerRefused(what: what, code: error?["code"] as? String ?? "failed",
+                                                         message: error?["message"] as? String ?? "")
+        }
+        logger.info("\(what) committed", metadata: metadata.merging(["tx": "\(hash)"]) { $1 })
+    }
+
     private func included(_ stored: StoredSettlementBatch, how: String) async throws {
         if try await store.markIncluded(batch: stored.batch) {
             settled.increment()
@@ -265,6 +330,7 @@ public enum SettlementSubmitterError: Error, CustomStringConvertible {
     case malformed(String)
     case refused(batch: UInt64, code: String, message: String)
     case cursorMismatch(batch: UInt64, first: UInt64, chainBatch: UInt64, chainSequence: UInt64)
+    case answerRefused(what: String, code: String, message: String)
 
     public var description: String {
         switch self {
@@ -272,6 +338,7 @@ public enum SettlementSubmitterError: Error, CustomStringConvertible {
         case .refused(let batch, let code, let message): "the chain refused batch \(batch): \(code): \(message.prefix(300))"
         case .cursorMismatch(let batch, let first, let chainBatch, let chainSequence):
             "batch \(batch) from sequence \(first) does not follow the chain's cursor (next batch \(chainBatch) from sequence \(chainSequence))"
+        case .answerRefused(let what, let code, let message): "the chain refused this router's \(what): \(code): \(message.prefix(300))"
         }
     }
 }

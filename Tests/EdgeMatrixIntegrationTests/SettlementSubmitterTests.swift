@@ -122,6 +122,20 @@ extension Integration {
             #expect(onChain.count == 1 && (onChain.first?["total_base_units"] as? NSNumber)?.stringValue == String(owed), "\(onChain)")
             #expect((onChain.first?["receipt_count"] as? NSNumber)?.intValue == 5 && onChain.first?["status"] as? String == "pending", "\(onChain)")
 
+            // The payer asks on chain for its pair's leaves (kind 15): the submitter posts them on its next tick, so an
+            // honest router is not slashed at the request's deadline. Catches: a router that never answers data requests.
+            let request = Transaction(signing: TransactionBody(chainID: try await client.chainID(), createdAtMillis: wallClockMillis(),
+                                                               kind: .dataRequest(DataRequest(router: router.publicKey, batchNumber: 0,
+                                                                                              payer: payer, node: node.publicKey))),
+                                      with: funded)
+            let requested = try await client.waitForCommit(hash: try await client.submit(request))
+            #expect(requested["status"] as? String == "committed", "\(requested)")
+            #expect(try await client.dataRequests(router: router.publicKey).dataRequests.first?["status"] as? String == "open")
+            await submitter.tick(&view)
+            let answered = try await client.dataRequests(router: router.publicKey).dataRequests
+            #expect(answered.count == 1 && answered.first?["status"] as? String == DataRequestStatus.answered.rawValue
+                        && (answered.first?["leaves_posted"] as? NSNumber)?.intValue == 5, "\(answered)")
+
             // A crash after storing batch 1 and before sending it: a fresh submitter sends it.
             try await serve(receipts, inFlight: inFlight, router: router, node: node, payer: payer, count: 3)
             let epoch = try #require(view.epoch)
