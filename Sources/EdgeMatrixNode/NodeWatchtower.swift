@@ -8,7 +8,7 @@ import Logging
 import Metrics
 import ServiceLifecycle
 
-/// The compute node's watchtower (docs/SETTLEMENT.md § 11): it follows the chain and, for each router it serves,
+/// The compute node's watchtower (docs/SETTLEMENT.md § 13): it follows the chain and, for each router it serves,
 /// checks every batch still open to challenge (`pending` or `challenged`) whose sequence range covers receipts it kept,
 /// with `WatchtowerAudit` over the leaves the router's data-availability API serves; it files a kind-13 challenge,
 /// signed by the node key (which posts `challenge_bond`), for each finding the ledger can judge.

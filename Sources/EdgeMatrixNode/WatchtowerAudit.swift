@@ -1,7 +1,7 @@
 import EdgeMatrixCore
 import EdgeMatrixLedger
 
-/// The compute node's check of one settled batch (docs/SETTLEMENT.md § 11): pure and deterministic. Inputs are the
+/// The compute node's check of one settled batch (docs/SETTLEMENT.md § 13): pure and deterministic. Inputs are the
 /// batch as the chain holds it (entries per (payer, node) pair), the leaves and proofs the router serves for this
 /// node's pairs, and the node's own kept router-countersigned receipts. Each finding the ledger can judge carries the
 /// kind-13 claim that proves it.
